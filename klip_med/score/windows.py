@@ -1,0 +1,137 @@
+"""Windows of diffusion time on the canonical noise-level axis.
+
+A window is an interval ``[sigma_min, sigma_max]`` of the canonical noise level ``sigma`` of
+the step's input (DESIGN.md section 2): ``sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` for a
+variance-preserving prior. That axis does not depend on the backbone's parameterisation or on the
+number of sampling steps, so the same window means the same thing for any sampler. Helpers convert
+from normalised time ``t / T`` and from step indices of a given run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from klip_med.errors import KLIPMedError
+
+
+@dataclass(frozen=True)
+class Window:
+    """A closed interval of canonical noise level: a step belongs when sigma_min <= sigma <= sigma_max.
+
+    Args:
+        sigma_min: lower edge (>= 0).
+        sigma_max: upper edge (>= sigma_min); ``math.inf`` for "up to the noisiest step".
+        name: optional label used in outputs (defaults to the interval written out).
+    """
+
+    sigma_min: float
+    sigma_max: float
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("sigma_min", "sigma_max"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                raise KLIPMedError(f"Window.{field}: expected a number, found {value!r}")
+        if self.sigma_min < 0:
+            raise KLIPMedError(f"Window.sigma_min: expected >= 0, found {self.sigma_min}")
+        if self.sigma_max < self.sigma_min:
+            raise KLIPMedError(
+                f"Window.sigma_max: expected >= sigma_min ({self.sigma_min}), found {self.sigma_max}"
+            )
+
+    def contains(self, sigma: float) -> bool:
+        """Whether a step at canonical noise level ``sigma`` belongs to the window."""
+        return self.sigma_min <= sigma <= self.sigma_max
+
+    @property
+    def label(self) -> str:
+        """The window's name, or ``"sigma[lo,hi]"``."""
+        return self.name or f"sigma[{self.sigma_min:.4g},{self.sigma_max:.4g}]"
+
+    def as_dict(self) -> dict:
+        """JSON-ready description."""
+        return {"name": self.label, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+FULL = Window(0.0, math.inf, name="full")
+"""The window that holds every step."""
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """Canonical noise levels ``sqrt((1 - a) / a)`` of a VP schedule, shape (T,), float64 on CPU."""
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    return ((1.0 - a) / a).sqrt()
+
+
+def window_from_normalized_time(
+    t_start: float, t_end: float, alphas_cumprod: Tensor, name: str | None = None
+) -> Window:
+    """Window covering normalised diffusion times ``t/T`` in ``[t_start, t_end]`` of a VP schedule.
+
+    ``t/T = 0`` is the clean end, ``1`` the noisiest training timestep. Fractional timesteps are
+    placed on the schedule by linear interpolation of ``log sigma`` between integer timesteps.
+
+    Args:
+        t_start, t_end: normalised times, ``0 <= t_start <= t_end <= 1``.
+        alphas_cumprod: the prior's training schedule ``alpha_bar_t``, shape (T,).
+    """
+    for arg, value in (("t_start", t_start), ("t_end", t_end)):
+        if not 0.0 <= value <= 1.0:
+            raise KLIPMedError(f"{arg}: expected a normalised time in [0, 1], found {value}")
+    if t_end < t_start:
+        raise KLIPMedError(f"t_end: expected >= t_start ({t_start}), found {t_end}")
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
+    steps = log_sigmas.numel() - 1
+
+    def sigma_at(frac: float) -> float:
+        pos = frac * steps
+        lo = min(int(math.floor(pos)), steps)
+        hi = min(lo + 1, steps)
+        w = pos - lo
+        return float(torch.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]))
+
+    return Window(sigma_at(t_start), sigma_at(t_end), name=name)
+
+
+def window_from_step_indices(
+    first: int, last: int, step_sigmas: Sequence[float], name: str | None = None
+) -> Window:
+    """Window holding steps ``first .. last`` (inclusive, sampling order) of a run.
+
+    Args:
+        first, last: step indices, ``0 <= first <= last < len(step_sigmas)``.
+        step_sigmas: canonical noise level of each step of the run, in sampling order
+            (samplers expose it as ``step_sigmas``).
+    """
+    n = len(step_sigmas)
+    if not (0 <= first <= last < n):
+        raise KLIPMedError(
+            f"step indices: expected 0 <= first <= last < {n} (the run's number of steps), "
+            f"found first={first}, last={last}"
+        )
+    chosen = [float(s) for s in step_sigmas[first : last + 1]]
+    return Window(min(chosen), max(chosen), name=name)
+
+
+def check_windows_cover_steps(windows: Sequence[Window], step_sigmas: Sequence[float]) -> None:
+    """Raise :class:`KLIPMedError` for any window that holds none of a run's steps.
+
+    Call before sampling so that a window outside the schedule is reported before any network
+    evaluation is spent.
+    """
+    if not step_sigmas:
+        raise KLIPMedError("step_sigmas: expected at least one sampling step, found none")
+    lo, hi = min(step_sigmas), max(step_sigmas)
+    for i, window in enumerate(windows):
+        if not any(window.contains(float(s)) for s in step_sigmas):
+            raise KLIPMedError(
+                f"windows[{i}] ({window.label}): expected a window holding at least one of the "
+                f"{len(step_sigmas)} sampling steps (their sigma spans [{lo:.4g}, {hi:.4g}]), "
+                "found none inside it"
+            )
