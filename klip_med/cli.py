@@ -20,7 +20,9 @@ def _verify(args: argparse.Namespace) -> int:
 
     steps = tuple(int(s) for s in args.steps.split(","))
     start = time.perf_counter()
-    report = verify_report(step_counts=steps, n_samples=args.samples, seed=args.seed)
+    report = verify_report(
+        step_counts=steps, n_samples=args.samples, seed=args.seed, train_steps=args.train_steps
+    )
     report["seconds"] = round(time.perf_counter() - start, 2)
     print(f"closed-form KL(posterior || prior): {report['closed_form_kl_nats']:.3f} nats")
     for row in report["runs"]:
@@ -29,7 +31,10 @@ def _verify(args: argparse.Namespace) -> int:
             f"+- {row['standard_error_nats']:.3f} nats (ratio {row['ratio_to_closed_form']:.3f}), "
             f"worst 4x4 block off by {100 * row['max_block_relative_error']:.1f}%"
         )
-    print(f"({report['samples']} posterior samples, {report['seconds']} s)")
+    print(
+        f"({report['samples']} posterior samples, schedule of {report['train_steps']} "
+        f"timesteps, {report['seconds']} s)"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
@@ -56,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--steps", default="250,1000", help="comma-separated step counts")
     verify.add_argument("--samples", type=int, default=128, help="posterior samples")
     verify.add_argument("--seed", type=int, default=1)
+    verify.add_argument(
+        "--train-steps",
+        type=int,
+        default=1000,
+        help="timesteps of the VP schedule (same SDE, finer discretisation when larger)",
+    )
     verify.add_argument("--json", help="also write the report to this JSON file")
     verify.set_defaults(run=_verify)
     return parser

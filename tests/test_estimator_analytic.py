@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from klip_med.analytic import BLOCK, SIZE, make_case
+from klip_med.analytic import BLOCK, SIZE, make_case, on_schedule
 
-from klip_med.priors import GaussianPrior
-from klip_med.sampling import DPSSampler, ScoreGuidedSampler, linear_beta_alphas_cumprod
+from klip_med.sampling import DPSSampler, ScoreGuidedSampler
 from klip_med.score import KLIPAccumulator, pool_blocks
 
 SHAPE = (1, SIZE, SIZE)
 
 
 def _run_exact(case, n_steps: int, n_samples: int, seed: int = 1, schedule_T: int = 1000):
-    a = linear_beta_alphas_cumprod(schedule_T, 0.1 / schedule_T, 20.0 / schedule_T)
-    prior = GaussianPrior(case.prior.mean, case.prior.cov, SHAPE, a)
-    posterior = GaussianPrior(case.posterior.mean, case.posterior.cov, SHAPE, a)
+    prior = on_schedule(case.prior, schedule_T)
+    posterior = on_schedule(case.posterior, schedule_T)
     acc = KLIPAccumulator()
     sampler = ScoreGuidedSampler(prior, posterior.eps, n_steps)
     result = sampler.sample(
