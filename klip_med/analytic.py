@@ -41,12 +41,16 @@ class GaussianCase:
         out = torch.zeros(self.labels.max() + 1, dtype=torch.float64)
         for b in range(out.numel()):
             idx = (self.labels == b).nonzero().reshape(-1)
-            sub = lambda g: GaussianPrior(  # noqa: E731
-                g.mean[idx], g.cov[idx][:, idx], (1, BLOCK, BLOCK), g.alphas_cumprod
-            )
-            out[b] = sub(self.posterior).kl_to(sub(self.prior))
+            out[b] = _marginal(self.posterior, idx).kl_to(_marginal(self.prior, idx))
         side = SIZE // BLOCK
         return out.reshape(side, side)
+
+
+def _marginal(gaussian: GaussianPrior, idx: torch.Tensor) -> GaussianPrior:
+    """The marginal of a Gaussian on the pixels ``idx`` (one 4x4 block)."""
+    return GaussianPrior(
+        gaussian.mean[idx], gaussian.cov[idx][:, idx], (1, BLOCK, BLOCK), gaussian.alphas_cumprod
+    )
 
 
 def matrix_physics(A: torch.Tensor, image_shape=(1, SIZE, SIZE)) -> dinv.physics.LinearPhysics:

@@ -44,7 +44,7 @@ def test_one_event_per_step_and_delta_is_posterior_minus_prior(case, name):
     replay = torch.Generator().manual_seed(seed)
     x = torch.randn((3, *SHAPE), generator=replay)
     torch.testing.assert_close(x, result.x_init)
-    for plan, event in zip(sampler.plans, recorder.events):
+    for plan, event in zip(sampler.plans, recorder.events, strict=True):
         z = torch.randn((3, *SHAPE), generator=replay)
         x_prior, x0_hat, _ = sampler.prior_transition(x, plan, z)
         torch.testing.assert_close(event.delta, event.x - x_prior, rtol=0, atol=1e-5)

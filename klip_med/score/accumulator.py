@@ -176,7 +176,7 @@ class KLIPAccumulator:
                 "KLIPAccumulator: expected at least one step event inside a window, found none "
                 "(was the accumulator passed to the sampler's observers?)"
             )
-        empty = [w.label for w, n in zip(self.windows, self._steps) if n == 0]
+        empty = [w.label for w, n in zip(self.windows, self._steps, strict=True) if n == 0]
         if empty:
             raise KLIPMedError(
                 f"windows {empty}: expected each window to hold at least one sampling step, "

@@ -61,7 +61,7 @@ def _as_block_size(block_size: int | Sequence[int], spatial: Sequence[int]) -> t
     size = (block_size,) * ndim if isinstance(block_size, int) else tuple(int(b) for b in block_size)
     if len(size) != ndim:
         raise KLIPMedError(f"block_size: expected an int or {ndim} ints, found {block_size!r}")
-    for b, n in zip(size, spatial):
+    for b, n in zip(size, spatial, strict=True):
         if b < 1 or b > n:
             raise KLIPMedError(
                 f"block_size: expected each side in [1, image size {tuple(spatial)}], found {size}"
@@ -90,9 +90,9 @@ def pool_blocks(pixel_map: Tensor, block_size: int | Sequence[int], ndim: int = 
     spatial = tuple(pixel_map.shape[-ndim:])
     size = _as_block_size(block_size, spatial)
     lead = pixel_map.shape[:-ndim]
-    grid = tuple(-(-n // b) for n, b in zip(spatial, size))
+    grid = tuple(-(-n // b) for n, b in zip(spatial, size, strict=True))
     pad = []
-    for n, b, g in reversed(list(zip(spatial, size, grid))):
+    for n, b, g in reversed(list(zip(spatial, size, grid, strict=True))):
         pad += [0, g * b - n]
     flat = pixel_map.reshape(-1, 1, *spatial).to(torch.float32)
     ones = torch.ones((1, 1, *spatial), dtype=torch.float32, device=pixel_map.device)
