@@ -100,8 +100,12 @@ def plan_steps(schedule: VPSchedule, n_steps: int) -> list[StepPlan]:
     return plans
 
 
-def check_measurement(y: Tensor, physics, image_shape: tuple[int, ...]) -> None:
-    """Raise :class:`KLIPMedError` for NaN / Inf measurements or a physics / image mismatch."""
+def check_measurement_fits(y: Tensor, physics, image_shape: tuple[int, ...]) -> None:
+    """Raise :class:`KLIPMedError` for NaN / Inf measurements or a physics / image mismatch.
+
+    Works for any deepinv ``Physics`` (the sampler cannot assume a klip_med operator);
+    :func:`klip_med.physics.check_measurement` is the stricter twin for klip_med's own operators.
+    """
     if not isinstance(y, Tensor):
         raise KLIPMedError(f"y: expected a torch.Tensor measurement, found {type(y).__name__}")
     if not bool(torch.isfinite(y).all()):
@@ -235,7 +239,7 @@ class PosteriorSampler:
                 f"generator: expected a torch.Generator, found {type(generator).__name__}"
             )
         image_shape = tuple(int(v) for v in image_shape)
-        check_measurement(y, physics, image_shape)
+        check_measurement_fits(y, physics, image_shape)
         if y.shape[0] not in (1, n_samples):
             raise KLIPMedError(
                 f"y: expected a batch of 1 or n_samples={n_samples} measurements, found {y.shape[0]}"
