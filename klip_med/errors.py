@@ -26,3 +26,18 @@ def expect(condition: bool, argument: str, expected: str, found: object) -> None
     if not condition:
         shown = found if isinstance(found, str) else repr(found)
         raise KLIPMedError(f"{argument}: expected {expected}, found {shown}")
+
+
+def check_keys(mapping: dict, where: str, allowed: set[str] | frozenset[str], required: set[str] | frozenset[str]) -> None:
+    """Raise :class:`KLIPMedError` for keys outside ``allowed`` or a missing ``required`` key.
+
+    Args:
+        mapping: a parsed JSON object (config, manifest, manifest item).
+        where: what it is, for the message (file and position).
+    """
+    unknown = set(mapping) - set(allowed)
+    if unknown:
+        raise KLIPMedError(f"{where}: expected keys among {sorted(allowed)}, found unknown {sorted(unknown)}")
+    missing = set(required) - set(mapping)
+    if missing:
+        raise KLIPMedError(f"{where}: expected keys {sorted(required)}, missing {sorted(missing)}")
