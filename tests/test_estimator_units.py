@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -112,7 +114,8 @@ def test_windows_from_normalised_time_and_step_indices():
     a = linear_beta_alphas_cumprod(1000)
     sigmas = ((1 - a) / a).sqrt()
     w = window_from_normalized_time(0.0, 1.0, a)
-    assert w.sigma_min == pytest.approx(float(sigmas[0])) and w.sigma_max == pytest.approx(float(sigmas[-1]))
+    assert w.sigma_min == 0.0 and w.sigma_max == math.inf  # the ends are open on the sigma axis
+    assert w.contains(float(sigmas[0])) and w.contains(float(sigmas[-1]))
     mid = window_from_normalized_time(0.25, 0.5, a)
     assert float(sigmas[249]) <= mid.sigma_min <= float(sigmas[250])
     assert float(sigmas[499]) <= mid.sigma_max <= float(sigmas[500])
@@ -212,3 +215,20 @@ def test_accumulator_memory_state_does_not_depend_on_steps():
         return acc.state_bytes
 
     assert state_after(10) == state_after(1000) == 2 * 2 * 8 * 8 * 4 + 2 * 8
+
+
+def test_normalized_time_window_edges_hold_the_end_steps():
+    """t/T = 0 holds the clean-end step exactly (no exp(log) rounding), t/T = 1 the noisiest."""
+    from klip_med.sampling.schedule import VPSchedule, linear_beta_alphas_cumprod
+    from klip_med.score.windows import window_from_normalized_time
+
+    alphas = linear_beta_alphas_cumprod(1000)
+    schedule = VPSchedule(alphas)
+    first, last = schedule.sigma(999), schedule.sigma(0)
+    assert window_from_normalized_time(0.0, 0.5, alphas).contains(last)
+    assert window_from_normalized_time(0.5, 1.0, alphas).contains(first)
+    mid = window_from_normalized_time(0.25, 0.5, alphas)
+    # t/T = 0.25 and 0.5 sit at timesteps 249.75 and 499.5 of 0..999
+    assert mid.contains(schedule.sigma(250)) and mid.contains(schedule.sigma(499))
+    assert not mid.contains(schedule.sigma(249)) and not mid.contains(schedule.sigma(500))
+    assert window_from_normalized_time(333 / 999, 1.0, alphas).contains(schedule.sigma(333))

@@ -86,7 +86,8 @@ def window_from_normalized_time(
             raise KLIPMedError(f"{arg}: expected a normalised time in [0, 1], found {value}")
     if t_end < t_start:
         raise KLIPMedError(f"t_end: expected >= t_start ({t_start}), found {t_end}")
-    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+    log_sigmas = sigmas.log()
     steps = log_sigmas.numel() - 1
 
     def sigma_at(frac: float) -> float:
@@ -94,9 +95,15 @@ def window_from_normalized_time(
         lo = min(int(math.floor(pos)), steps)
         hi = min(lo + 1, steps)
         w = pos - lo
+        if w == 0.0:  # exactly a training timestep: its sigma, not exp(log(sigma)) one ulp away
+            return float(sigmas[lo])
         return float(torch.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]))
 
-    return Window(sigma_at(t_start), sigma_at(t_end), name=name)
+    # The ends of [0, 1] are open-ended on the sigma axis, so t/T = 0 and 1 always hold the
+    # clean-end and the noisiest steps of any respacing.
+    lo = 0.0 if t_start == 0.0 else sigma_at(t_start)
+    hi = math.inf if t_end == 1.0 else sigma_at(t_end)
+    return Window(lo, hi, name=name)
 
 
 def window_from_step_indices(

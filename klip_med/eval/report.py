@@ -1,0 +1,113 @@
+"""Benchmark outputs: ``results.json``, a markdown table, ROC figures (all written atomically)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from klip_med.atomic import atomic_path
+from klip_med.eval.metrics import has_both_classes, roc_points
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(entry: Mapping, key: str) -> str:
+    value, ci = entry.get(key), entry.get(f"{key}_ci", [None, None])
+    if value is None:
+        return "n/a"
+    if ci[0] is None:
+        return _fmt(value)
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _delta(entry: Mapping | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    ci = entry["ci"]
+    return f"{entry['mean']:+.3f}" + ("" if ci[0] is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+
+
+def markdown_table(results: Mapping) -> str:
+    """The methods side by side: dataset-level and localisation AUROC / AUPRC with 95% intervals,
+    paired differences of localisation AUROC against the reference methods, cost per image."""
+    refs = results.get("references", [])
+    head = ["method", "dataset AUROC [95% CI]", "dataset AUPRC", "loc. AUROC [95% CI]", "loc. AUPRC"]
+    head += [f"loc. AUROC - {r}" for r in refs] + ["NFE / image", "s / image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results["methods"].items():
+        loc = m.get("localisation") or {}
+        row = [name, _with_ci(m["dataset"], "auroc"), _fmt(m["dataset"].get("auprc")),
+               _with_ci(loc, "auroc") if loc else "n/a", _fmt(loc.get("auprc")) if loc else "n/a"]
+        row += [_delta(m.get("vs", {}).get(r, {}).get("localisation_auroc")) if r != name else "-" for r in refs]
+        row += [str(m["cost"]["nfe_per_image"]), _fmt(m["cost"]["seconds_per_image"], 2)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: Mapping) -> str:
+    """A short markdown page: what was run, on what, and the table."""
+    b, c = results["benchmark"], results["counts"]
+    s = b["settings"]
+    text = [
+        f"# KLIP benchmark: {b['manifest']} ({b['split']}), {b['physics']}",
+        "",
+        f"- prior `{b['prior']}`, sampler `{s['sampler']}`, {s['steps']} steps, {s['samples']} samples, "
+        f"blocks {b['block_size']}x{b['block_size']}, image score = top-{s['top_k']} block mean inside the body",
+        f"- images: {c['images']} ({c['ood']} OOD, {c['id']} ID) from {c['patients']} patients; "
+        f"lesions: {b['lesions']}; device {b['device']}",
+        f"- sampling run: {results['sampling']['nfe_per_image']} network forwards and "
+        f"{results['sampling']['seconds_per_image']:.2f} s per image (shared by every KLIP row, "
+        "posterior_std, residual; anoddpm / eigenscore / cfs add their own; brightness rows need none)",
+        f"- intervals: per-patient bootstrap, {b['n_boot']} resamples, seed {b['seed']}",
+    ]
+    if b.get("command"):
+        text.append(f"- command: `{b['command']}`")
+    text += ["", markdown_table(results), ""]
+    return "\n".join(text)
+
+
+def write_results(results: Mapping, out_dir: Path, stem: str = "results") -> tuple[Path, Path]:
+    """``<stem>.json`` and ``<stem>.md`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown_report(results), encoding="utf-8")
+    return json_path, md_path
+
+
+def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path | None:
+    """One ROC panel: ``curves`` maps a method name to (scores, labels). Methods whose labels hold
+    one class only are left out; returns None when none is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = {n: sl for n, sl in curves.items() if has_both_classes(sl[1])}
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    colours = plt.get_cmap("tab20")
+    for k, (name, (scores, labels)) in enumerate(usable.items()):
+        fpr, tpr = roc_points(scores, labels)
+        ax.plot(fpr, tpr, color=colours(k % 20), lw=1.8 if name.startswith("klip") else 1.2,
+                ls="-" if name.startswith("klip") else "--", label=name)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

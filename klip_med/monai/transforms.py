@@ -1,0 +1,508 @@
+"""``KLIPReconstruct`` (array) and ``KLIPReconstructd`` (dictionary) MONAI transforms.
+
+Each slice of a channel-first image is mapped to the prior's range and grid, measured with the
+physics (or taken as a measurement), reconstructed by the posterior sampler with KLIP
+(:func:`klip_med.pipeline.reconstruct_image` / :func:`~klip_med.pipeline.reconstruct_measurement`),
+and brought back to the input's grid, orientation and units as ``MetaTensor`` s that carry the
+input's affine and metadata, so ``SaveImaged`` writes them exactly on the source.
+
+Slice orientation: a prior was trained on slices shown one way (the shipped priors: rows run
+anterior to posterior, columns patient right to left, the radiological display of an axial slice,
+``PRIOR_SLICE_AXCODES = "PL"``). ``Orientationd(axcodes="RAS")`` stores the same slice rotated by
+180 degrees, so when the input carries an affine, each slice is flipped / transposed (exactly, no
+interpolation) into the prior's orientation before sampling and back afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import monai
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from monai.utils import ensure_tuple
+
+import klip_med
+from klip_med.errors import KLIPMedError, expect
+from klip_med.io.resample import resample_inplane
+from klip_med.pipeline import (
+    KLIPSettings,
+    SliceResult,
+    parse_window,
+    reconstruct_image,
+    reconstruct_measurement,
+)
+from klip_med.score import Window
+
+PRIOR_SLICE_AXCODES = "PL"
+"""Where the shipped priors' image rows and columns point: rows to Posterior, columns to patient Left."""
+
+INTENSITY_MODES = ("physical", "prior")
+OUTPUT_NAMES = ("recon", "klip", "std")
+
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel: (negative, positive) per world axis
+_LPS_LABELS = (("R", "L"), ("A", "P"), ("I", "S"))
+
+
+# ---------------------------------------------------------------- slice orientation
+
+
+@dataclass(frozen=True)
+class _SliceLayout:
+    """Flips / transpose that bring stored slices ``(..., H, W)`` into the prior's orientation."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+    note: str = "slices used as stored (rows = first spatial axis)"
+    matched: bool = True
+
+    def to_prior(self, x: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            x = np.swapaxes(x, -1, -2)
+        if self.flip_rows:
+            x = np.flip(x, -2)
+        if self.flip_cols:
+            x = np.flip(x, -1)
+        return np.ascontiguousarray(x)
+
+    def from_prior(self, x: np.ndarray) -> np.ndarray:
+        if self.flip_cols:
+            x = np.flip(x, -1)
+        if self.flip_rows:
+            x = np.flip(x, -2)
+        if self.transpose:
+            x = np.swapaxes(x, -1, -2)
+        return np.ascontiguousarray(x)
+
+    def describe(self) -> dict[str, Any]:
+        return {"transpose": self.transpose, "flip_rows": self.flip_rows, "flip_cols": self.flip_cols,
+                "note": self.note}
+
+
+def _slice_layout(affine: np.ndarray, space: str, target: str) -> _SliceLayout:
+    """The layout that points slice rows / columns to ``target`` (e.g. ``"PL"``) for this affine.
+
+    Args:
+        affine: (N+1, N+1) voxel to world (mm), N = 2 or 3 spatial axes.
+        space: ``"RAS"`` or ``"LPS"``, the world the affine maps to (MONAI's ``meta["space"]``).
+        target: two axis codes, rows then columns.
+    """
+    labels = _LPS_LABELS if str(space).upper() == "LPS" else _RAS_LABELS
+    codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64), labels=labels)
+    c0, c1 = (codes + (None, None))[:2]
+    rows, cols = target[0], target[1]
+    pair_rows, pair_cols = {rows, _OPPOSITE[rows]}, {cols, _OPPOSITE[cols]}
+    if c0 in pair_rows and c1 in pair_cols:
+        transpose, row_code, col_code = False, c0, c1
+    elif c1 in pair_rows and c0 in pair_cols:
+        transpose, row_code, col_code = True, c1, c0
+    else:
+        note = f"slice axes point {c0}{c1}, not along {target}: used as stored"
+        return _SliceLayout(note=note, matched=False)
+    return _SliceLayout(transpose, row_code != rows, col_code != cols,
+                        note=f"slice axes {c0}{c1} ({space}) shown to the prior as {target}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _load_prior(prior: Any, device: torch.device):
+    """A prior on ``device``: loaded by name / path, or the given module (copied if it must move)."""
+    from klip_med import priors
+
+    if isinstance(prior, str) or hasattr(prior, "__fspath__"):
+        return priors.load(prior, device=device)
+    expect(hasattr(prior, "eps") and hasattr(prior, "image_shape"), "prior",
+           "a shipped prior name, a prior folder or a DiffusionPrior", type(prior).__name__)
+    current = getattr(prior, "device", None)
+    if isinstance(prior, torch.nn.Module) and current is not None and torch.device(current) != device:
+        prior = copy.deepcopy(prior).to(device)  # never move the caller's module
+    return prior
+
+
+def _windows(windows: Any, prior) -> tuple[Window, ...]:
+    items = (windows,) if isinstance(windows, (str, Window)) else tuple(windows)
+    expect(len(items) > 0, "windows", "at least one window ('full', 't:a,b', 'sigma:a,b', a Window)", "none")
+    out = []
+    for item in items:
+        if isinstance(item, Window):
+            out.append(item)
+            continue
+        expect(isinstance(item, str), "windows", "spec strings or Window objects", type(item).__name__)
+        alphas = getattr(prior, "alphas_cumprod", None)
+        expect(alphas is not None or not item.strip().startswith("t:"), "windows",
+               "a prior with alphas_cumprod for a 't:a,b' window", type(prior).__name__)
+        out.append(parse_window(item, alphas))
+    return tuple(out)
+
+
+def _as_tensor(img: Any, argument: str) -> torch.Tensor:
+    """A detached plain-tensor copy of ``img`` (the input is never modified)."""
+    if isinstance(img, MetaTensor):
+        return img.as_tensor().detach().clone()
+    if isinstance(img, torch.Tensor):
+        return img.detach().clone()
+    try:
+        return torch.as_tensor(np.array(img))
+    except (TypeError, ValueError) as exc:
+        raise KLIPMedError(f"{argument}: expected a tensor or array, found {type(img).__name__}") from exc
+
+
+def _prior_name(prior) -> str:
+    config = getattr(prior, "config", None)
+    return str(getattr(config, "name", type(prior).__name__))
+
+
+# ---------------------------------------------------------------- array transform
+
+
+class KLIPReconstruct(Transform):
+    """Posterior reconstruction of a slice or volume with a KLIP out-of-distribution map.
+
+    Args:
+        prior: a shipped prior name (``"mri-brain-flair-128"``, ``"ct-abdomen-128"``), a prior
+            folder / ``.safetensors`` path, or a loaded ``DiffusionPrior`` (never modified; copied
+            if it sits on another device).
+        physics: the operator as a spec string, e.g. ``"mri:accel=4,center=0.08,noise=0.01"``,
+            ``"ct-sparse:views=60,noise=0.5"`` (see :func:`klip_med.physics.parse_physics`). With
+            ``measure=False`` a built operator is accepted too (your scan's own mask).
+        samples, steps, sampler, block_size, normalization, seed: the fields of
+            :class:`klip_med.pipeline.KLIPSettings`.
+        windows: KLIP windows: spec strings (``"full"``, ``"t:a,b"``, ``"sigma:a,b"``) or
+            :class:`klip_med.score.Window`; the first one is the headline map.
+        device: where sampling runs (``"cpu"``, ``"cuda"``).
+        measure: True: the input is the ground-truth image; a measurement is simulated from it with
+            ``physics`` (demos, benchmarks). False: the input is a measurement ``y`` of one slice,
+            shape ``physics.measurement_shape`` (optionally with a leading batch axis of 1).
+        intensity: ``"physical"``: the input is in HU (CT) / MR signal and is mapped with the
+            prior's intensity rule, outputs come back in those units. ``"prior"``: the input is
+            already in the prior's [-1, 1] range (e.g. after ``ScaleIntensityRanged(..., b_min=-1,
+            b_max=1, clip=True)``) and outputs stay in it.
+        mr_scale: MR priors only: the multiplier from MR signal to the rule's scale, computed once
+            over the whole patient volume (``prior.config.intensity.mr_scale(volume)``). None
+            computes it from the input itself (best when the input is the whole volume).
+        slice_axcodes: where the prior's image rows and columns point (shipped priors: ``"PL"``).
+            Inputs with an affine are flipped / transposed slice by slice to match and back; None
+            uses slices as stored (rows = first spatial axis), as for inputs without an affine.
+        all_windows: True returns every window's map as channels of ``klip``; False the first only.
+
+    Call with ``img``: a channel-first ``(1, H, W)`` image or ``(1, H, W, D)`` volume (slices along
+    the last axis, MONAI's convention), ``MetaTensor`` / tensor / array, any real dtype.
+
+    Returns:
+        A dict of ``MetaTensor`` (float32) with the input's affine and a copy of its metadata (plus
+        ``meta["klip"]``: quantity, units, prior, physics, settings, per-slice scores):
+
+        - ``"recon"``: (1, H, W[, D]) posterior mean, in the input's units (HU / MR signal, or
+          the prior's range with ``intensity="prior"``).
+        - ``"klip"``: (1 or n_windows, H, W[, D]) KLIP map in nats per input pixel (the prior-grid
+          map resampled so that block sums are kept).
+        - ``"std"``: (1, H, W[, D]) posterior standard deviation over the samples, input units.
+
+        With ``measure=False`` the outputs lie on the prior's grid, (1, h, w), in the prior's slice
+        orientation, and carry the input's affine if it is a ``MetaTensor``.
+
+    Deterministic: the same input, seed and device give the same outputs (each slice's measurement
+    and sampler are seeded from ``seed`` exactly as in :func:`klip_med.pipeline.reconstruct_image`).
+
+    Raises:
+        KLIPMedError: unknown prior, malformed physics spec, bad settings (at construction); a
+            wrong shape, non-finite values, or values outside [-1, 1] with ``intensity="prior"``.
+    """
+
+    def __init__(
+        self,
+        prior: Any,
+        physics: Any,
+        *,
+        samples: int = 4,
+        steps: int = 100,
+        sampler: str = "fast",
+        windows: Sequence[str | Window] | str | Window = ("full",),
+        block_size: int = 8,
+        normalization: str = "transition",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        measure: bool = True,
+        intensity: str = "physical",
+        mr_scale: float | None = None,
+        slice_axcodes: str | None = PRIOR_SLICE_AXCODES,
+        all_windows: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.prior = _load_prior(prior, self.device)
+        shape = tuple(self.prior.image_shape)
+        expect(len(shape) == 3 and shape[0] == 1, "prior", "a single-channel 2D prior (1, h, w)", shape)
+        self.grid = (int(shape[1]), int(shape[2]))
+        self.settings = KLIPSettings(samples=samples, steps=steps, sampler=sampler,
+                                     windows=_windows(windows, self.prior), block_size=block_size,
+                                     normalization=normalization, seed=seed)
+        expect(isinstance(measure, bool), "measure", "True or False", measure)
+        self.measure = measure
+        if isinstance(physics, str):
+            from klip_med.physics import parse_physics
+
+            # validate now, not at the first call
+            parse_physics(physics, self.grid[-1], generator=torch.Generator().manual_seed(seed))
+        else:
+            expect(not measure and callable(physics), "physics",
+                   "a spec string such as 'mri:accel=4,center=0.08' (an operator only with measure=False)",
+                   type(physics).__name__)
+        self.physics = physics
+        expect(intensity in INTENSITY_MODES, "intensity", f"one of {INTENSITY_MODES}", intensity)
+        self.intensity = intensity
+        config = getattr(self.prior, "config", None)
+        self.rule = getattr(config, "intensity", None)
+        expect(intensity == "prior" or self.rule is not None, "intensity",
+               "'prior' for a prior without an intensity rule in its config", intensity)
+        if mr_scale is not None:
+            expect(self.rule is not None and self.rule.kind == "mr-percentile", "mr_scale",
+                   "None for a prior without an mr-percentile intensity rule", mr_scale)
+            expect(isinstance(mr_scale, (int, float)) and math.isfinite(mr_scale) and mr_scale > 0,
+                   "mr_scale", "a finite number > 0", mr_scale)
+        self.mr_scale = None if mr_scale is None else float(mr_scale)
+        if slice_axcodes is not None:
+            codes = str(slice_axcodes).upper()
+            ok = (len(codes) == 2 and all(c in _OPPOSITE for c in codes)
+                  and codes[1] not in (codes[0], _OPPOSITE[codes[0]]))
+            expect(ok, "slice_axcodes", "two axis codes on different axes, e.g. 'PL', or None", slice_axcodes)
+            slice_axcodes = codes
+        self.slice_axcodes = slice_axcodes
+        self.all_windows = bool(all_windows)
+
+    # -------------------------------------------------------------- call
+
+    def __call__(self, img: Any) -> dict[str, MetaTensor]:
+        """Reconstruct ``img`` (see the class docstring for shapes, units and the returned dict)."""
+        start = time.perf_counter()
+        values = _as_tensor(img, "img")
+        is_meta = isinstance(img, MetaTensor)
+        meta = copy.deepcopy(dict(img.meta)) if is_meta else {}
+        affine = img.affine.detach().clone() if is_meta else None
+        ops = copy.deepcopy(list(img.applied_operations)) if is_meta else []
+        if self.measure:
+            arrays, summary = self._from_image(values, affine, meta)
+        else:
+            arrays, summary = self._from_measurement(values)
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        units = summary.pop("_units")
+        klip_units = summary["klip"].get("units", "nats") + " per pixel"
+        names = [w.name or f"sigma:{w.sigma_min},{w.sigma_max}" for w in self.settings.windows]
+        described = {
+            "recon": {"quantity": "posterior mean reconstruction", "units": units},
+            "klip": {"quantity": "KLIP map", "units": klip_units,
+                     "channels": names if self.all_windows else names[:1]},
+            "std": {"quantity": "posterior standard deviation", "units": units},
+        }
+        out = {}
+        for name in OUTPUT_NAMES:
+            item_meta = copy.deepcopy(meta)
+            item_meta.pop("affine", None)
+            item_meta["klip"] = {**described[name], **copy.deepcopy(summary)}
+            tensor = torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=np.float32))
+            out[name] = MetaTensor(tensor, affine=affine, meta=item_meta,
+                                   applied_operations=copy.deepcopy(ops))
+        return out
+
+    def _summary(self, results: list[SliceResult], physics_text: Any) -> dict[str, Any]:
+        slices = []
+        for index, r in enumerate(results):
+            slices.append({
+                "slice": index, "score_max": r.score.max, "score_topk_mean": r.score.topk_mean,
+                "score_statistic": r.score.statistic, "top_blocks_prior_grid": r.top_blocks(3),
+                "network_calls": r.metadata["network_calls"], "seconds": r.metadata["seconds"],
+            })
+        return {
+            "score_max": max(s["score_max"] for s in slices),
+            "prior": _prior_name(self.prior), "physics": physics_text, "measure": self.measure,
+            "settings": self.settings.describe(), "klip": results[0].metadata["klip"],
+            "slices": slices, "klip_med_version": klip_med.__version__, "monai_version": monai.__version__,
+            "device": str(self.device),
+        }
+
+    def _to_physical(self, mean: np.ndarray, std: np.ndarray,
+                     scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean / std from the prior's range to the input's units (no-op for ``"prior"``)."""
+        if self.intensity != "physical":
+            return mean, std
+        ends = self.rule.to_physical(np.array([-1.0, 1.0], dtype=np.float32), scale)
+        return self.rule.to_physical(mean, scale), std * float(ends[1] - ends[0]) / 2.0
+
+    def _intensity_summary(self, scale: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.intensity}
+        if self.rule is not None:
+            out["rule"] = self.rule.to_dict()
+        if scale is not None:
+            out["mr_scale"] = scale
+        return out
+
+    def _from_image(self, values: torch.Tensor, affine: torch.Tensor | None,
+                    meta: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        shape = tuple(values.shape)
+        expect(values.ndim in (3, 4) and shape[0] == 1, "img",
+               "a channel-first image (1, H, W) or volume (1, H, W, D)", f"shape {shape}")
+        expect(not values.is_complex() and values.dtype != torch.bool, "img", "real-valued voxels",
+               str(values.dtype))
+        volume = values[0].to(torch.float64).numpy()
+        expect(bool(np.isfinite(volume).all()), "img", "finite values", "NaN or inf")
+        is_2d = volume.ndim == 2
+        slices = np.moveaxis(volume[..., None] if is_2d else volume, -1, 0)  # (D, H, W)
+
+        scale = None
+        if self.intensity == "physical":
+            if self.rule.kind == "mr-percentile":
+                scale = self.mr_scale if self.mr_scale is not None else self.rule.mr_scale(slices)
+            model = self.rule.to_model(slices, scale)
+            units = self.rule.unit
+        else:
+            lo, hi = float(slices.min()), float(slices.max())
+            expect(lo >= -1.001 and hi <= 1.001, "img",
+                   "values in the prior's range [-1, 1] with intensity='prior' (use intensity='physical' "
+                   "for HU / MR signal)", f"[{lo:.4g}, {hi:.4g}]")
+            model = np.clip(slices, -1.0, 1.0).astype(np.float32)
+            units = "prior range [-1, 1]"
+
+        layout = _SliceLayout()
+        if affine is not None and self.slice_axcodes is not None:
+            layout = _slice_layout(affine.numpy(), meta.get("space", "RAS"), self.slice_axcodes)
+            if not layout.matched:
+                warnings.warn(f"KLIPReconstruct: {layout.note}; the prior expects {self.slice_axcodes}",
+                              stacklevel=3)
+        oriented = layout.to_prior(model)  # (D, h0, w0)
+        native = tuple(oriented.shape[-2:])
+        on_grid = resample_inplane(oriented, self.grid, kind="intensity")
+
+        results = []
+        for k in range(on_grid.shape[0]):
+            image = torch.from_numpy(np.ascontiguousarray(on_grid[k]))
+            result, _ = reconstruct_image(self.prior, image, self.physics, self.settings, self.device)
+            results.append(result)
+        mean = np.stack([r.recon_mean.numpy() for r in results])
+        std = np.stack([r.recon_std.numpy() for r in results])
+        klip = np.stack([r.klip.numpy() for r in results])  # (D, n_windows, h, w)
+        if not self.all_windows:
+            klip = klip[:, :1]
+
+        mean = layout.from_prior(resample_inplane(mean, native, kind="intensity"))
+        std = layout.from_prior(resample_inplane(std, native, kind="intensity"))
+        klip = layout.from_prior(resample_inplane(klip, native, kind="density"))
+        mean, std = self._to_physical(mean, std, scale)
+
+        def channel_first(x: np.ndarray) -> np.ndarray:  # (D, ..., H, W) -> (..., H, W[, D])
+            x = np.moveaxis(x, 0, -1)
+            return x[..., 0] if is_2d else x
+
+        arrays = {"recon": channel_first(mean)[None], "klip": channel_first(klip),
+                  "std": channel_first(std)[None]}
+        summary = self._summary(results, self.physics)
+        summary["orientation"] = layout.describe()
+        summary["intensity"] = self._intensity_summary(scale)
+        summary["_units"] = units
+        return arrays, summary
+
+    def _from_measurement(self, values: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        if isinstance(self.physics, str):
+            from klip_med.physics import parse_physics
+
+            gen = torch.Generator(device=self.device).manual_seed(self.settings.seed)
+            physics = parse_physics(self.physics, self.grid[-1], generator=gen, device=self.device)
+            physics_text: Any = self.physics
+        else:
+            physics = self.physics
+            physics_text = physics.describe() if hasattr(physics, "describe") else type(physics).__name__
+        expected = tuple(getattr(physics, "measurement_shape", ()) or ())
+        shape = tuple(values.shape)
+        if expected:
+            expect(shape in (expected, (1, *expected)), "img",
+                   f"a measurement of shape {expected} or {(1, *expected)} for physics {physics_text!r}",
+                   f"shape {shape}")
+            y = values.reshape(1, *expected)
+        else:
+            y = values[None]
+        if not y.is_complex():
+            y = y.to(torch.float32)
+        expect(bool(torch.isfinite(y).all()), "img", "a finite measurement", "NaN or inf")
+        result = reconstruct_measurement(self.prior, physics, y.to(self.device), self.settings)
+        mean, std = result.recon_mean.numpy(), result.recon_std.numpy()
+        klip = result.klip.numpy() if self.all_windows else result.klip.numpy()[:1]
+        units = "prior range [-1, 1]"
+        scale = self.mr_scale if self.intensity == "physical" else None
+        mean, std = self._to_physical(mean, std, scale)
+        if self.intensity == "physical":
+            units = self.rule.unit
+            if self.rule.kind == "mr-percentile" and scale is None:
+                units = "MR signal scaled to [0, 1] (no mr_scale given)"
+        summary = self._summary([result], physics_text)
+        summary["orientation"] = {"note": f"on the prior's {self.grid[0]}x{self.grid[1]} grid, slice axes "
+                                          f"{self.slice_axcodes or 'as the prior was trained'}"}
+        summary["intensity"] = self._intensity_summary(scale)
+        summary["_units"] = units
+        return {"recon": mean[None], "klip": klip, "std": std[None]}, summary
+
+
+# ---------------------------------------------------------------- dictionary transform
+
+
+class KLIPReconstructd(MapTransform):
+    """Dictionary version of :class:`KLIPReconstruct`: adds the reconstruction, KLIP map and std.
+
+    Args:
+        keys: the image key(s) to reconstruct (each as in :class:`KLIPReconstruct`).
+        prior, physics: as in :class:`KLIPReconstruct`.
+        recon_keys, klip_keys, std_keys: where the outputs go, one per key; default
+            ``"<key>_recon"``, ``"<key>_klip"``, ``"<key>_std"``.
+        allow_missing_keys: skip keys absent from the data instead of raising MONAI's ``KeyError``
+            (which names the key and this transform, as every MONAI dictionary transform does).
+        **options: the keyword options of :class:`KLIPReconstruct` (``samples``, ``steps``,
+            ``sampler``, ``windows``, ``block_size``, ``normalization``, ``seed``, ``device``,
+            ``measure``, ``intensity``, ``mr_scale``, ``slice_axcodes``, ``all_windows``).
+
+    The outputs are ``MetaTensor`` s with the input's affine and metadata; save each with its own
+    ``SaveImaged(keys=..., output_postfix=...)`` so their file names differ. The input is unchanged.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prior: Any,
+        physics: Any,
+        *,
+        recon_keys: KeysCollection | None = None,
+        klip_keys: KeysCollection | None = None,
+        std_keys: KeysCollection | None = None,
+        allow_missing_keys: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reconstruct = KLIPReconstruct(prior, physics, **options)
+        self.recon_keys = self._output_keys(recon_keys, "recon")
+        self.klip_keys = self._output_keys(klip_keys, "klip")
+        self.std_keys = self._output_keys(std_keys, "std")
+
+    def _output_keys(self, given: KeysCollection | None, suffix: str) -> tuple[Hashable, ...]:
+        if given is None:
+            return tuple(f"{key}_{suffix}" for key in self.keys)
+        names = ensure_tuple(given)
+        expect(len(names) == len(self.keys), f"{suffix}_keys",
+               f"one output key per input key ({len(self.keys)})", list(names))
+        return tuple(names)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, recon_key, klip_key, std_key in self.key_iterator(d, self.recon_keys, self.klip_keys,
+                                                                   self.std_keys):
+            out = self.reconstruct(d[key])
+            d[recon_key], d[klip_key], d[std_key] = out["recon"], out["klip"], out["std"]
+        return d

@@ -1,0 +1,399 @@
+"""The output set of ``klip-med demo`` and ``klip-med run``: one writer for both.
+
+In the output folder ``DIR`` (every file written atomically; inputs never touched):
+
+=================== =====================================================================
+``summary.json``    scores (nats), windows, top blocks, threshold, prior + config provenance,
+                    physics, settings and seed, timings, package versions, file list
+``recon.nii.gz``    posterior mean on the source grid, physical units (HU / MR signal)
+``klip.nii.gz``     KLIP map of the first window, nats per *source* pixel (block sums kept)
+``klip_<w>.nii.gz`` further windows (``--window`` given more than once), same units
+``report.png``      the highest-scoring slice: input | baseline | posterior mean | posterior std |
+                    KLIP over the posterior mean (truth mask contour cyan, OOD mask dashed lime)
+``dicom/``          only for DICOM sources: ``recon/`` (derived series), ``klip_pm.dcm``
+                    (Parametric Map), ``klip_seg.dcm`` (binary SEG of the OOD mask),
+                    ``klip_sc.dcm`` (RGB Secondary Capture of the heat map over the source slice;
+                    a volume gets one per slice in ``klip_sc/``)
+=================== =====================================================================
+
+Units. Scores (``score``, ``top_blocks``, the threshold) are block densities of the map on the
+prior's working grid: nats per working pixel, the units of :class:`klip_med.pipeline.SliceResult`.
+Maps written on the source grid (NIfTI, Parametric Map, report) are in nats per source pixel:
+resampled with ``kind="density"``, so a region's sum in nats is the same on both grids.
+
+OOD mask (``klip_seg.dcm``). The blocks inside the body whose first-window density is at least the
+threshold. ``threshold`` is ``"pNN"`` (default ``"p95"``: the NN-th percentile of the densities of
+all in-body blocks of the volume) or a number in nats per working pixel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from klip_med.atomic import atomic_path
+from klip_med.errors import expect
+from klip_med.io import Volume, to_source_grid
+
+VERSIONED_PACKAGES = ("klip-med", "torch", "deepinv", "monai", "pydicom", "highdicom", "nibabel", "numpy")
+
+
+@dataclass
+class VolumeResult:
+    """Per-slice results of a run stacked in slice order, on the prior's working grid.
+
+    Attributes:
+        recon, recon_std, baseline: float32 ``(Z, h, w)`` in prior units ([-1, 1]): posterior mean,
+            posterior std over the samples, measurement-domain baseline (zero-filled / FBP).
+        klip, klip_sample_std: float32 ``(n_windows, Z, h, w)``, nats per working pixel.
+        body: bool ``(Z, h, w)``, body mask of each posterior mean.
+        densities: float32 ``(Z, gh, gw)``, first-window block densities (nats per working pixel).
+        inside: bool ``(Z, gh, gw)``, blocks inside the body.
+        slices: one JSON-ready record per slice (score, top blocks, seconds, network calls).
+        block_size: block side in working pixels.
+    """
+
+    recon: np.ndarray
+    recon_std: np.ndarray
+    baseline: np.ndarray
+    klip: np.ndarray
+    klip_sample_std: np.ndarray
+    body: np.ndarray
+    densities: np.ndarray
+    inside: np.ndarray
+    slices: list[dict[str, Any]]
+    block_size: int
+
+
+# ------------------------------------------------------------------------- threshold
+
+
+def parse_threshold(text: str | float) -> tuple[str, float]:
+    """``"p95"`` -> ``("percentile", 95.0)``; ``"1.5"`` -> ``("nats_per_pixel", 1.5)``."""
+    raw = str(text).strip()
+    try:
+        if raw.lower().startswith("p"):
+            value = float(raw[1:])
+            ok = 0.0 <= value <= 100.0
+            kind = "percentile"
+        else:
+            value = float(raw)
+            ok = math.isfinite(value) and value >= 0
+            kind = "nats_per_pixel"
+    except ValueError:
+        ok, kind, value = False, "", 0.0
+    expect(ok, "--threshold", "'pNN' (percentile of in-body block densities, 0-100) or a number of "
+           "nats per pixel >= 0", repr(raw))
+    return kind, value
+
+
+def resolve_threshold(spec: str | float, densities: np.ndarray, inside: np.ndarray) -> float:
+    """The OOD threshold in nats per working pixel for block ``densities`` (Z, gh, gw)."""
+    kind, value = parse_threshold(spec)
+    if kind == "nats_per_pixel":
+        return value
+    values = densities[inside] if bool(inside.any()) else densities.ravel()
+    return float(np.percentile(values, value))
+
+
+def ood_mask(result: VolumeResult, threshold: float) -> np.ndarray:
+    """bool ``(Z, h, w)``: pixels of the in-body blocks whose density reaches ``threshold``."""
+    flagged = result.inside & (result.densities >= threshold)
+    b = result.block_size
+    full = np.repeat(np.repeat(flagged, b, axis=1), b, axis=2)
+    z, h, w = result.recon.shape
+    return np.ascontiguousarray(full[:, :h, :w])
+
+
+# ------------------------------------------------------------------------- provenance
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages that shape the numbers."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def prior_provenance(prior, reference: str) -> dict[str, Any]:
+    """Name, where it came from, its config (minus the architecture) and a digest of that config."""
+    from klip_med.priors import available
+
+    config = prior.config.to_dict()
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    shipped = available()
+    training = config.get("training", {})
+    keep = ("manifest", "steps_trained", "final_loss", "device", "licence", "data", "seconds")
+    return {
+        "name": config["name"],
+        "reference": reference,
+        "shipped": reference in shipped,
+        "modality": config["modality"],
+        "image_size": config["image_size"],
+        "intensity": config["intensity"],
+        "schedule": config["schedule"],
+        "description": config.get("description", ""),
+        "training": {k: training[k] for k in keep if k in training},
+        "config_sha256": digest,
+    }
+
+
+# ------------------------------------------------------------------------- the output set
+
+
+def _to_physical(rule, values: np.ndarray, scale: float | None) -> np.ndarray:
+    return rule.to_physical(values, scale)
+
+
+def _physical_std(rule, std: np.ndarray, scale: float | None) -> np.ndarray:
+    gain = float(rule.to_physical(np.float32(1.0), scale) - rule.to_physical(np.float32(0.0), scale))
+    return (std * gain).astype(np.float32)
+
+
+def _source_rows_cols(block: dict[str, Any], source: Volume, work: tuple[int, int]) -> dict[str, Any]:
+    """A working-grid block as source-grid pixel ranges and its centre in LPS mm."""
+    H, W = source.shape[1:]
+    sr, sc = H / work[0], W / work[1]
+    r0, c0, size = block["row"], block["col"], block["size"]
+    rows = [int(round(r0 * sr)), int(round(min(r0 + size, work[0]) * sr))]
+    cols = [int(round(c0 * sc)), int(round(min(c0 + size, work[1]) * sc))]
+    centre = np.array([block["slice"], (rows[0] + rows[1] - 1) / 2, (cols[0] + cols[1] - 1) / 2])
+    return {"source_rows": rows, "source_cols": cols,
+            "centre_lps_mm": [round(float(v), 2) for v in source.voxel_to_patient(centre)]}
+
+
+def _volume_top_blocks(result: VolumeResult, n: int = 3) -> list[dict[str, Any]]:
+    dens = np.where(result.inside, result.densities, -np.inf)
+    order = np.argsort(dens.ravel())[::-1][:n]
+    out = []
+    for flat in order:
+        if not np.isfinite(dens.ravel()[flat]):
+            break
+        k, i, j = (int(v) for v in np.unravel_index(flat, dens.shape))
+        b = result.block_size
+        out.append({"slice": k, "row": i * b, "col": j * b, "size": b,
+                    "nats_per_pixel": float(dens[k, i, j])})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats become None (an unbounded window edge, as in ``KLIPSettings.describe``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON (atomic; non-finite floats written as null)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_single_sc(source: Volume, heat: np.ndarray, path: Path) -> Path:
+    """The one Secondary Capture of a one-slice volume, saved as ``path`` (atomic)."""
+    from klip_med.io import write_secondary_captures
+
+    with tempfile.TemporaryDirectory(prefix=".klip_sc.", dir=path.parent) as tmp:
+        (written,) = write_secondary_captures(source, heat, Path(tmp) / "sc")
+        os.replace(written, path)
+    return path
+
+
+def _swap_in(fresh: Path, final: Path) -> None:
+    """Replace folder ``final`` by the complete folder ``fresh`` (two renames; never a mix)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(fresh, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_series_folder(folder: Path, name: str, write) -> list[str]:
+    """Write a series with ``write(tmp_folder)`` next to ``folder / name``, then swap it in whole.
+
+    Returns the written file names relative to ``folder``'s parent (e.g. ``dicom/recon/<uid>.dcm``).
+    """
+    fresh = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
+    try:
+        paths = write(fresh / "series")
+        _swap_in(fresh / "series", folder / name)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return [str(Path(folder.name) / name / p.name) for p in paths]
+
+
+def write_dicom_outputs(folder: Path, source: Volume, recon: np.ndarray, klip: np.ndarray,
+                        mask: np.ndarray) -> dict[str, Any]:
+    """``recon/``, ``klip_pm.dcm``, ``klip_seg.dcm``, ``klip_sc.dcm`` (or ``klip_sc/``) on ``source``.
+
+    Args:
+        recon: ``(Z, H, W)`` physical units on the source grid; ``klip``: nats per source pixel;
+        mask: bool OOD mask (an empty mask writes no SEG; the summary says so).
+    """
+    from klip_med.io import write_derived_series, write_parametric_map, write_secondary_captures, write_seg
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    # a rerun replaces a previous series (new UIDs) as a whole, never mixes the two
+    files["recon_series"] = write_series_folder(folder, "recon", lambda f: write_derived_series(source, recon, f))
+    files["parametric_map"] = str(write_parametric_map(source, klip, folder / "klip_pm.dcm")
+                                  .relative_to(folder.parent))
+    if bool(mask.any()):
+        files["seg"] = str(write_seg(source, mask, folder / "klip_seg.dcm").relative_to(folder.parent))
+    else:
+        files["seg"] = None
+    if source.shape[0] == 1:
+        files["secondary_capture"] = str(_write_single_sc(source, klip, folder / "klip_sc.dcm")
+                                         .relative_to(folder.parent))
+    else:
+        files["secondary_capture"] = write_series_folder(
+            folder, "klip_sc", lambda f: write_secondary_captures(source, klip, f))
+    return files
+
+
+def write_output_set(
+    out: str | os.PathLike[str],
+    source: Volume,
+    result: VolumeResult,
+    *,
+    rule,
+    mr_scale: float | None,
+    threshold: str | float,
+    summary: dict[str, Any],
+    truth_mask: np.ndarray | None = None,
+    baseline_name: str = "baseline",
+    window_labels: list[str] | None = None,
+    title: str = "",
+) -> dict[str, Any]:
+    """Write the whole output set (see the module docstring) and return the completed summary.
+
+    Args:
+        out: the output folder (exists).
+        source: the volume the outputs sit on (source grid, ``(Z, H, W)``); with DICOM sources the
+            ``dicom/`` objects reference its instances.
+        result: per-slice results on the working grid.
+        rule, mr_scale: the prior's intensity rule and the volume's MR scale (None for CT).
+        threshold: OOD threshold spec (:func:`parse_threshold`).
+        summary: what the caller knows (input, prior, physics, settings, timings); completed here.
+        truth_mask: optional bool ``(Z, H, W)`` known lesion mask on the source grid.
+        baseline_name: e.g. ``"zero-filled"`` or ``"FBP"``.
+        window_labels: labels of the windows, in the order of ``result.klip``.
+    """
+    from klip_med.io import write_nifti
+    from klip_med.report import write_report
+
+    out = Path(out)
+    work = tuple(result.recon.shape[1:])
+    recon_src = to_source_grid(_to_physical(rule, result.recon, mr_scale), source)
+    std_src = to_source_grid(_physical_std(rule, result.recon_std, mr_scale), source)
+    base_src = to_source_grid(_to_physical(rule, result.baseline, mr_scale), source)
+    klip_src = [to_source_grid(result.klip[w], source, kind="density") for w in range(result.klip.shape[0])]
+    thr = resolve_threshold(threshold, result.densities, result.inside)
+    mask_work = ood_mask(result, thr)
+    mask_src = to_source_grid(mask_work.astype(np.uint8), source, kind="label").astype(bool)
+
+    files: dict[str, Any] = {"summary": "summary.json", **summary.get("outputs", {})}
+    files["recon_nifti"] = write_nifti(recon_src, out / "recon.nii.gz", source).name
+    labels = window_labels or [f"window{w}" for w in range(len(klip_src))]
+    files["klip_nifti"] = [write_nifti(klip_src[0], out / "klip.nii.gz", source).name]
+    for w in range(1, len(klip_src)):
+        safe = "".join(c if c.isalnum() else "_" for c in labels[w]).strip("_")
+        files["klip_nifti"].append(write_nifti(klip_src[w], out / f"klip_{w}_{safe}.nii.gz", source).name)
+
+    scores = np.array([s["score"]["max"] for s in result.slices])
+    best = int(np.argmax(scores))
+    files["report"] = write_report(
+        out / "report.png",
+        truth=source.pixels[best], baseline=base_src[best], recon=recon_src[best], std=std_src[best],
+        klip=klip_src[0][best], truth_mask=None if truth_mask is None else truth_mask[best],
+        ood_mask=mask_src[best], spacing=source.spacing[1:], modality=summary.get("input", {}).get("modality"),
+        rule=rule, baseline_name=baseline_name,
+        title=f"{title} slice {best}: score {scores[best]:.3g} nats/pixel" if title else "",
+    ).name
+    if source.is_dicom:
+        files.update(write_dicom_outputs(out / "dicom", source, recon_src, klip_src[0], mask_src))
+
+    top = _volume_top_blocks(result)
+    for block in top:
+        block.update(_source_rows_cols(block, source, work))
+    for record in result.slices:
+        for block in record["top_blocks"]:
+            block.update(_source_rows_cols({**block, "slice": record["slice"]}, source, work))
+    summary = dict(summary)
+    summary["score"] = {
+        "max_nats_per_pixel": float(scores[best]),
+        "slice": best,
+        "topk_mean_nats_per_pixel": float(result.slices[best]["score"]["topk_mean"]),
+        "statistic": "block density (nats per working pixel), max over blocks inside the body",
+    }
+    summary["top_blocks"] = top
+    summary["threshold"] = {
+        "spec": str(threshold),
+        "nats_per_pixel": thr,
+        "rule": "OOD mask = in-body blocks whose first-window density >= threshold; 'pNN' = NN-th "
+                "percentile of all in-body block densities of the volume",
+        "blocks_flagged": int((result.inside & (result.densities >= thr)).sum()),
+        "source_pixels_flagged": int(mask_src.sum()),
+    }
+    if truth_mask is not None and bool(truth_mask.any()):
+        body_src = to_source_grid(result.body.astype(np.uint8), source, kind="label").astype(bool)
+        heat = klip_src[0]
+        outside = body_src & ~truth_mask
+        summary["truth"] = {
+            "mask_pixels": int(truth_mask.sum()),
+            "klip_mean_inside_nats_per_source_pixel": float(heat[truth_mask].mean()),
+            "klip_mean_outside_in_body_nats_per_source_pixel":
+                float(heat[outside].mean()) if bool(outside.any()) else None,
+            "ood_mask_covers_fraction_of_truth": float((mask_src & truth_mask).sum() / truth_mask.sum()),
+        }
+    summary["slices"] = result.slices
+    summary["units"] = {
+        "scores": "nats per pixel of the prior's working grid (block densities)",
+        "klip.nii.gz / klip_pm.dcm / report heat map": "nats per source pixel (sums kept across grids)",
+        "recon.nii.gz / dicom/recon": rule.unit,
+        "working_grid": list(work),
+        "block_size_working_pixels": result.block_size,
+    }
+    summary["versions"] = package_versions()
+    summary["outputs"] = files
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def one_line(summary: dict[str, Any]) -> str:
+    """E.g. ``image score 3.98 nats/pixel; top blocks (r32,c56) 3.98, ... ; 41.2 s``."""
+    score = summary["score"]
+    volume = len(summary.get("slices", [])) > 1
+    parts = []
+    for b in summary["top_blocks"]:
+        where = f"z{b['slice']} " if volume else ""
+        parts.append(f"{where}(r{b['row']},c{b['col']}) {b['nats_per_pixel']:.3g}")
+    size = summary["top_blocks"][0]["size"] if summary["top_blocks"] else "?"
+    seconds = summary.get("timings", {}).get("total_s")
+    tail = f"; {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+    in_slice = f" (slice {score['slice']})" if volume else ""
+    return (f"image score {score['max_nats_per_pixel']:.3g} nats/pixel{in_slice}; top {size}x{size} blocks "
+            f"(row, col on the working grid) {', '.join(parts)}{tail}")

@@ -1,0 +1,406 @@
+"""``klip-med run``: reconstruct and score every slice of a volume, resumably.
+
+    from klip_med import priors
+    from klip_med.pipeline import KLIPSettings
+    from klip_med.run import RunOptions, read_input, run_volume
+
+    summary = run_volume(read_input("scan/"), priors.load("ct-abdomen-128"),
+                         RunOptions("ct-sparse:views=60", KLIPSettings(samples=4, steps=50)), "out/")
+
+Inputs (:func:`read_input`):
+
+- a DICOM folder (searched recursively) or file holding one image series; anonymised series with
+  empty Study / Series Instance UIDs get UIDs derived in memory (listed in ``summary.json``).
+- a ``.nii`` / ``.nii.gz`` image: 3D, slices along the third voxel axis, HU for CT.
+- a ``.npz`` file with key ``image``: ``(Z, H, W)`` or ``(H, W)`` in physical units (HU for CT, MR
+  signal for MR). Optional keys: ``modality`` (``"CT"`` / ``"MR"``; default the prior's),
+  ``pixel_spacing_mm`` (one number or (row, column); default 1), ``slice_spacing_mm`` (default 1),
+  ``mask`` (bool, the shape of ``image``: a known lesion, drawn in the report and scored in
+  ``summary.json``), ``mr_scale`` (the prior's per-volume MR scale; default computed from ``image``).
+
+What happens to each slice: it is resampled to the prior's working grid (same field of view; a
+non-square matrix is stretched), mapped to prior units by the prior's intensity rule (CT: HU window;
+MR: the percentile scale of the whole volume), measured by ``--physics`` (a simulated acquisition
+with its noise), reconstructed by the posterior sampler and scored with KLIP. Slices run in batches
+of ``slice_batch`` (B x S samples in one sampler call).
+
+Randomness: one operator per volume (the MRI mask is drawn from ``seed``). Batch 0 is measured and
+sampled exactly as :func:`klip_med.pipeline.reconstruct_image` would (generators seeded ``seed``
+and ``seed + 1``), so a one-slice run reproduces it; batch ``b > 0`` draws from generators seeded
+by ``SeedSequence([seed, first slice, stream])``. A slice's result depends on the seed and the batch
+it belongs to, never on what ran before: an interrupted run resumes to the same numbers.
+
+Resuming: each finished slice is saved atomically in ``OUT/slices/slice_NNNNN.npz``; a rerun with
+the same input, prior, physics, settings and ``slice_batch`` (checked against ``OUT/slices/run.json``)
+skips finished batches. A rerun with different ones is refused rather than mixing results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from klip_med.atomic import atomic_path
+from klip_med.errors import KLIPMedError, expect
+from klip_med.io import Volume, read_dicom_series, read_nifti, working_grid
+from klip_med.outputs import VolumeResult, parse_threshold, prior_provenance, write_json, write_output_set
+from klip_med.pipeline import KLIPSettings, SliceResult, reconstruct_batch
+
+RUN_FORMAT = 1
+SLICES_DIR = "slices"
+NPZ_KEYS = ("image", "modality", "pixel_spacing_mm", "slice_spacing_mm", "mask", "mr_scale")
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """A volume to reconstruct, with what is known about it.
+
+    Attributes:
+        volume: the source grid ``(Z, H, W)`` in physical units (HU / MR signal), with geometry
+            (and the DICOM datasets the outputs will reference, for DICOM input).
+        modality: ``"CT"``, ``"MR"`` or ``None`` (unknown: the prior's is assumed).
+        format: ``"dicom"``, ``"nifti"`` or ``"npz"``.
+        truth_mask: optional bool ``(Z, H, W)`` known lesion mask on the source grid.
+        mr_scale: optional per-volume MR scale of the prior's rule (default: from the volume).
+        description: where it came from, for the summary.
+    """
+
+    volume: Volume
+    modality: str | None
+    format: str
+    truth_mask: np.ndarray | None = None
+    mr_scale: float | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _npz_input(path: Path) -> RunInput:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except Exception as exc:
+        raise KLIPMedError(f"{path}: expected a readable .npz file, found {type(exc).__name__}: {exc}") from exc
+    expect("image" in arrays, str(path), f"a key 'image' (keys understood: {', '.join(NPZ_KEYS)})",
+           f"keys {sorted(arrays)}")
+    image = arrays["image"]
+    expect(image.ndim in (2, 3) and np.issubdtype(image.dtype, np.number) and not np.iscomplexobj(image),
+           f"{path}: image", "a real (Z, H, W) or (H, W) array", f"{image.dtype} shape {image.shape}")
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[None]
+    expect(bool(np.isfinite(image).all()), f"{path}: image", "finite values", "NaN / Inf")
+    spacing = np.atleast_1d(arrays.get("pixel_spacing_mm", np.array(1.0))).astype(np.float64)
+    expect(spacing.size in (1, 2) and bool(np.all(spacing > 0)), f"{path}: pixel_spacing_mm",
+           "one or two positive numbers (mm)", spacing.tolist())
+    dr, dc = (float(spacing[0]), float(spacing[-1]))
+    dz = float(arrays.get("slice_spacing_mm", np.array(1.0)))
+    expect(dz > 0, f"{path}: slice_spacing_mm", "a positive number (mm)", dz)
+    modality = str(arrays["modality"]) if "modality" in arrays else None
+    expect(modality in (None, "CT", "MR"), f"{path}: modality", "'CT' or 'MR'", modality)
+    mask = arrays.get("mask")
+    if mask is not None:
+        mask = np.asarray(mask).astype(bool).reshape(mask.shape if mask.ndim == 3 else (1, *mask.shape))
+        expect(mask.shape == image.shape, f"{path}: mask", f"shape {image.shape[-mask.ndim:]} (the image)",
+               mask.shape)
+    mr_scale = float(arrays["mr_scale"]) if "mr_scale" in arrays else None
+    volume = Volume(image, np.diag([dc, dr, dz, 1.0]), None, str(path))
+    return RunInput(volume, modality, "npz", mask, mr_scale, str(path))
+
+
+def read_input(path: str | Path) -> RunInput:
+    """Read a DICOM folder / file, a NIfTI image or a ``.npz`` (see the module docstring)."""
+    p = Path(path)
+    expect(p.exists(), "--input", "an existing DICOM folder or file, .nii / .nii.gz or .npz file",
+           f"no such path {str(p)!r}")
+    name = p.name.lower()
+    if p.is_file() and name.endswith(".npz"):
+        return _npz_input(p)
+    if p.is_file() and name.endswith((".nii", ".nii.gz")):
+        return RunInput(read_nifti(p), None, "nifti", description=str(p))
+    volume = read_dicom_series(p, derive_missing_uids=True)
+    modality = str(volume.datasets[0].get("Modality", "")) or None if volume.datasets else None
+    return RunInput(volume, modality, "dicom", description=str(p), extra={"notes": list(volume.notes)})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a volume is measured, reconstructed and scored.
+
+    Attributes:
+        physics: operator spec (:func:`klip_med.physics.parse_physics`), e.g. ``ct-sparse:views=60``.
+        settings: sampler and KLIP settings (samples, steps, sampler, windows, block size, seed).
+        slice_batch: slices per sampler call (B x S samples at once).
+        threshold: OOD mask threshold (:func:`klip_med.outputs.parse_threshold`), e.g. ``"p95"``.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    physics: str
+    settings: KLIPSettings = field(default_factory=KLIPSettings)
+    slice_batch: int = 1
+    threshold: str = "p95"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from klip_med.physics import parse_spec
+
+        parse_spec(self.physics)
+        expect(isinstance(self.slice_batch, int) and self.slice_batch >= 1, "slice_batch",
+               "an integer >= 1", self.slice_batch)
+        parse_threshold(self.threshold)
+
+
+def _seeds(seed: int, start: int) -> tuple[int | None, int]:
+    """(measurement-noise seed or None = straight after building the operator, sampler seed)."""
+    if start == 0:
+        return None, seed + 1
+    noise, sampler = np.random.SeedSequence([seed, start]).generate_state(2)
+    return int(noise), int(sampler)
+
+
+def _model_units(run_input: RunInput, prior) -> tuple[np.ndarray, float | None]:
+    """The volume on the working grid in prior units ``(Z, h, w)``, and the MR scale used."""
+    rule = prior.config.intensity
+    size = tuple(prior.image_shape[1:])
+    physical = working_grid(run_input.volume, size).pixels
+    scale = None
+    if rule.kind == "mr-percentile":
+        scale = run_input.mr_scale if run_input.mr_scale is not None else rule.mr_scale(run_input.volume.pixels)
+    return rule.to_model(physical, scale), scale
+
+
+def _slice_path(folder: Path, k: int) -> Path:
+    return folder / f"slice_{k:05d}.npz"
+
+
+def _save_slice(path: Path, k: int, result: SliceResult) -> None:
+    record = {
+        "slice": k,
+        "score": {"max": result.score.max, "topk_mean": result.score.topk_mean,
+                  "argmax_block": list(result.score.argmax), "blocks_in_body": result.score.blocks_in_mask},
+        "top_blocks": result.top_blocks(3),
+        "seconds": result.metadata["seconds"],
+        "network_calls": result.metadata["network_calls"],
+        "device": result.metadata["device"],
+        "klip": result.metadata["klip"],  # the summary keeps one copy (the same for every slice)
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh, recon=result.recon_mean.numpy(), recon_std=result.recon_std.numpy(),
+            baseline=result.baseline.numpy(), klip=result.klip.numpy(),
+            klip_sample_std=result.klip_sample_std.numpy(), body=result.body_mask.numpy(),
+            densities=result.blocks.densities.numpy(), inside=result.inside.numpy(),
+            record=np.array(json.dumps(record)),
+        )
+
+
+def _load_slice(path: Path) -> dict[str, Any] | None:
+    """A saved slice, or None when absent or unreadable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: np.asarray(data[k]) for k in data.files}
+        out["record"] = json.loads(str(out["record"]))
+        return out
+    except Exception:
+        return None
+
+
+def _fingerprint(model: np.ndarray, prior, options: RunOptions) -> dict[str, Any]:
+    config = json.dumps(prior.config.to_dict(), sort_keys=True).encode()
+    return {
+        "format": RUN_FORMAT,
+        "input_sha256": hashlib.sha256(np.ascontiguousarray(model, dtype=np.float32).tobytes()).hexdigest(),
+        "input_shape": list(model.shape),
+        "prior_config_sha256": hashlib.sha256(config).hexdigest(),
+        "physics": options.physics,
+        "settings": options.settings.describe(),
+        "slice_batch": options.slice_batch,
+    }
+
+
+def _check_resume(folder: Path, fingerprint: dict[str, Any]) -> None:
+    path = folder / "run.json"
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = {}
+        differ = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        if not differ:
+            return
+        expect(not any(folder.glob("slice_*.npz")), f"--out {folder.parent}",
+               "a new folder, or one holding a run with the same input, prior, physics, settings and "
+               "slice batch (to resume it)", f"a run that differs in {', '.join(differ)} "
+               f"(use another --out, or delete {folder} to start over)")
+    with atomic_path(path) as tmp:  # a new run (or one that had not finished a slice yet)
+        tmp.write_text(json.dumps(fingerprint, indent=1) + "\n", encoding="utf-8")
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Create the output folder; raise early if the path is a file."""
+    p = Path(out)
+    expect(not p.exists() or p.is_dir(), "--out", "a folder (new or existing)", f"a file {str(p)!r}")
+    try:
+        (p / SLICES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KLIPMedError(f"--out: expected a folder that can be created, found {exc}") from exc
+    return p
+
+
+def _measure(x: torch.Tensor, options: RunOptions, size: int, start: int):
+    """Operator (same for every batch) and the batch's measurement ``y``."""
+    from klip_med.physics import parse_physics
+
+    gen = torch.Generator(device=options.device).manual_seed(options.settings.seed)
+    physics = parse_physics(options.physics, size, generator=gen, device=options.device)
+    noise_seed, _ = _seeds(options.settings.seed, start)
+    if noise_seed is not None:
+        gen.manual_seed(noise_seed)
+    with torch.no_grad():
+        y = physics(x.to(options.device, torch.float32))
+    return physics, y
+
+
+def _stack(records: list[dict[str, Any]], block_size: int) -> VolumeResult:
+    def cat(key: str, axis: int = 0) -> np.ndarray:
+        return np.stack([r[key] for r in records], axis=axis)
+
+    return VolumeResult(
+        recon=cat("recon"), recon_std=cat("recon_std"), baseline=cat("baseline"),
+        klip=cat("klip", axis=1), klip_sample_std=cat("klip_sample_std", axis=1), body=cat("body"),
+        densities=cat("densities"), inside=cat("inside"), slices=[r["record"] for r in records],
+        block_size=block_size,
+    )
+
+
+def baseline_name(physics_spec: str) -> str:
+    """``"zero-filled"`` for MRI operators, ``"FBP"`` for CT."""
+    return "zero-filled" if physics_spec.strip().startswith("mri") else "FBP"
+
+
+def run_volume(
+    run_input: RunInput,
+    prior,
+    options: RunOptions,
+    out: str | Path,
+    *,
+    prior_reference: str | None = None,
+    progress: bool = True,
+    after_slice: Callable[[int], None] | None = None,
+    summary_extra: dict[str, Any] | None = None,
+    title: str = "",
+) -> dict[str, Any]:
+    """Reconstruct and score every slice of ``run_input`` (resumably), then write the output set.
+
+    Args:
+        run_input: from :func:`read_input` (or built by the demo).
+        prior: a loaded :class:`klip_med.priors.DiffusionPrior`.
+        options: physics, settings, slice batch, threshold, device.
+        out: output folder (created); see :mod:`klip_med.outputs` for what it holds.
+        prior_reference: the name or path the prior was loaded from (for the summary).
+        progress: show a tqdm progress bar (stderr).
+        after_slice: called with each slice index once its result is saved (tests use it to
+            interrupt a run).
+        summary_extra: merged into ``summary.json`` (e.g. the demo case).
+
+    Returns:
+        The summary (as written to ``summary.json``).
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    out = prepare_out(out)
+    folder = out / SLICES_DIR
+    modality = prior.config.modality
+    expect(run_input.modality in (None, modality), "--input",
+           f"a {modality} image for prior {prior.config.name!r}", f"modality {run_input.modality}")
+    model, scale = _model_units(run_input, prior)
+    fingerprint = _fingerprint(model, prior, options)
+    _check_resume(folder, fingerprint)
+    size = int(prior.image_shape[-1])
+    n_slices, batch = model.shape[0], options.slice_batch
+    paths = [_slice_path(folder, k) for k in range(n_slices)]
+    done = [_load_slice(p) is not None for p in paths]
+    sampling_s, computed, physics_description = 0.0, 0, None
+    steps = options.settings.steps
+    skipped = sum(stop - start for start in range(0, n_slices, batch)
+                  if all(done[start:(stop := min(start + batch, n_slices))]))
+    label = f"klip-med {(summary_extra or {}).get('command', 'run')}"
+    bar = tqdm(total=n_slices * steps, initial=skipped * steps, unit="step", desc=label,
+               disable=not progress, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} slice-steps "
+               "[{elapsed}<{remaining}{postfix}]")
+    try:
+        for start in range(0, n_slices, batch):
+            stop = min(start + batch, n_slices)
+            if all(done[start:stop]):
+                continue
+            x = torch.from_numpy(model[start:stop])[:, None]
+            physics, y = _measure(x, options, size, start)
+            physics_description = physics.describe()
+            gen = torch.Generator(device=options.device).manual_seed(_seeds(options.settings.seed, start)[1])
+            bar.set_postfix_str(f"slices {start + 1}-{stop} of {n_slices}" if stop > start + 1
+                                else f"slice {start + 1} of {n_slices}")
+            t0 = time.perf_counter()
+            results = reconstruct_batch(prior, physics, y, options.settings, gen,
+                                        observers=[lambda event, n=stop - start: bar.update(n)])
+            sampling_s += time.perf_counter() - t0
+            for k, result in zip(range(start, stop), results, strict=True):
+                _save_slice(paths[k], k, result)
+                done[k] = True
+                computed += 1
+                if after_slice is not None:
+                    after_slice(k)
+    finally:
+        bar.close()
+    records = [_load_slice(p) for p in paths]
+    missing = [k for k, r in enumerate(records) if r is None]
+    expect(not missing, str(folder), "every slice's saved result", f"slices {missing} unreadable")
+    klip_metadata = records[0]["record"].get("klip")  # type: ignore[index]
+    for r in records:
+        r["record"].pop("klip", None)  # type: ignore[index]
+    result = _stack(records, options.settings.block_size)  # type: ignore[arg-type]
+    if physics_description is None:
+        physics_description = _measure(torch.zeros(1, 1, size, size), options, size, 0)[0].describe()
+    summary: dict[str, Any] = {
+        "command": "run",
+        "input": {"path": run_input.description, "format": run_input.format,
+                  "modality": modality, "shape_zhw": list(run_input.volume.shape),
+                  "spacing_mm_zrc": [round(v, 6) for v in run_input.volume.spacing],
+                  "mr_scale": scale, **run_input.extra},
+        "prior": prior_provenance(prior, prior_reference or prior.config.name),
+        "physics": {"spec": options.physics, "operator": physics_description},
+        "settings": options.settings.describe(),
+        "seed": options.settings.seed,
+        "slice_batch": batch,
+        "device": options.device,
+        "windows": options.settings.describe()["windows"],
+        "klip": klip_metadata,
+        **(summary_extra or {}),
+    }
+    write_start = time.perf_counter()
+    timings = dict(summary.get("timings", {}))
+    timings.update({
+        "sampling_s_this_invocation": round(sampling_s, 2),
+        "sampling_s_all_slices": round(sum(r["record"]["seconds"] for r in records), 2),  # type: ignore[index]
+        "slices_computed_this_invocation": computed,
+    })
+    summary["timings"] = timings
+    written = write_output_set(
+        out, run_input.volume, result, rule=prior.config.intensity, mr_scale=scale,
+        threshold=options.threshold, summary=summary, truth_mask=run_input.truth_mask,
+        baseline_name=baseline_name(options.physics),
+        window_labels=[w.label for w in options.settings.windows], title=title,
+    )
+    written["timings"]["write_s"] = round(time.perf_counter() - write_start, 2)
+    written["timings"]["total_s"] = round(time.perf_counter() - started + timings.get("prepare_s", 0.0), 2)
+    write_json(out / "summary.json", written)
+    return written

@@ -1,0 +1,434 @@
+"""klip_med.eval: metrics against hand-computed cases, baselines on toy cases with known answers,
+the slice selection rule, and the benchmark runner end to end (tiny prior, resume, determinism)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from klip_med.data.lesions import insert_flair_lesion
+from klip_med.data.manifest import file_sha256, read_manifest
+from klip_med.data.phantom import mr_phantom
+from klip_med.errors import KLIPMedError
+from klip_med.eval import baselines as bl
+from klip_med.eval import metrics as mt
+from klip_med.eval.cache import read_slice, slice_path
+from klip_med.eval.cli import add_eval_parser
+from klip_med.eval.features import fit_feature_density
+from klip_med.eval.runner import run_benchmark
+from klip_med.eval.selection import select_slices, slice_seed
+from klip_med.physics import parse_physics
+from klip_med.pipeline import KLIPSettings, reconstruct_measurement
+from klip_med.priors.config import PriorConfig, default_architecture, default_schedule
+from klip_med.priors.diffusion import DiffusionPrior
+from klip_med.priors.gaussian import GaussianPrior
+from klip_med.priors.intensity import IntensityRule
+from klip_med.sampling.schedule import linear_beta_alphas_cumprod
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions run ~40x slower with 2 threads on a loaded shared CPU (spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_auroc_perfect_inverted_and_hand_computed():
+    labels = [0, 0, 1, 1]
+    assert mt.auroc([0.1, 0.2, 0.8, 0.9], labels) == 1.0
+    assert mt.auprc([0.1, 0.2, 0.8, 0.9], labels) == 1.0
+    assert mt.auroc([0.9, 0.8, 0.2, 0.1], labels) == 0.0
+    assert mt.auroc([0.5, 0.5, 0.5, 0.5], labels) == 0.5
+    # 3 of the 4 (positive, negative) pairs are ordered correctly -> 0.75; AP = (1 + 2/3) / 2
+    assert mt.auroc([0.1, 0.4, 0.35, 0.8], labels) == pytest.approx(0.75)
+    assert mt.auprc([0.1, 0.4, 0.35, 0.8], labels) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_auroc_equals_mann_whitney_on_random_scores():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=60), 1)  # with ties
+    labels = rng.integers(0, 2, size=60)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+    assert mt.auroc(scores, labels) == pytest.approx(wins / (pos.size * neg.size))
+    random_like = [mt.auroc(rng.normal(size=400), rng.integers(0, 2, size=400)) for _ in range(5)]
+    assert abs(np.mean(random_like) - 0.5) < 0.05
+
+
+def test_fast_bootstrap_metrics_agree_with_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(2)
+    for n in (5, 40, 300):
+        scores = np.round(rng.normal(size=n), 1)  # many ties
+        labels = rng.integers(0, 2, size=n)
+        labels[:2] = [0, 1]
+        assert mt.fast_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert mt.fast_average_precision(scores, labels) == pytest.approx(
+            average_precision_score(labels, scores), abs=1e-12)
+    assert math.isnan(mt.fast_auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_metrics_refuse_one_class_and_bad_input():
+    with pytest.raises(KLIPMedError, match="both classes"):
+        mt.auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(KLIPMedError, match="as many scores as labels"):
+        mt.auroc([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(KLIPMedError, match="finite"):
+        mt.auroc([0.1, math.nan], [0, 1])
+    assert mt.dataset_level([0.1, 0.2], [0, 0], ["a", "b"])["auroc"] is None
+
+
+def test_bootstrap_interval_contains_estimate_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    patients = np.repeat([f"p{i}" for i in range(8)], 6)
+    labels = np.tile([0, 1, 0, 1, 0, 1], 8)
+    scores = labels * 0.8 + rng.normal(size=labels.size)
+    first = mt.dataset_level(scores, labels, patients, n_boot=300, seed=7)
+    again = mt.dataset_level(scores, labels, patients, n_boot=300, seed=7)
+    other = mt.dataset_level(scores, labels, patients, n_boot=300, seed=8)
+    lo, hi = first["auroc_ci"]
+    assert lo <= first["auroc"] <= hi and 0 < lo < hi < 1
+    assert first == again and first["auroc_ci"] != other["auroc_ci"]
+    assert first["n_patients"] == 8 and first["n_ood"] == 24 and first["bootstrap_valid"] == 300
+    # a single patient: every resample is the same set, the interval collapses onto the estimate
+    one = mt.patient_bootstrap(lambda i: float(scores[i].mean()), ["p"] * labels.size, n_boot=20, seed=0)
+    assert one.low == pytest.approx(scores.mean()) and one.high == pytest.approx(scores.mean())
+
+
+def test_lesion_blocks_handle_partial_edge_blocks():
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[9, 9] = True
+    mask[0, 4] = True
+    blocks = mt.lesion_blocks(mask, 4)
+    assert blocks.shape == (3, 3)
+    assert blocks[2, 2] and blocks[0, 1] and blocks.sum() == 2
+
+
+def test_localisation_is_one_when_the_lesion_block_is_highest():
+    size, b = 32, 8
+    lesion = np.zeros((size, size), dtype=bool)
+    lesion[18:22, 9:14] = True  # blocks (2, 1)
+    score_map = np.random.default_rng(0).uniform(0, 0.5, size=(4, 4))
+    score_map[2, 1] = 1.0
+    inside = np.ones((4, 4), dtype=bool)
+    labels = mt.lesion_blocks(lesion, b)
+    loc = mt.localisation(score_map, labels, inside)
+    assert loc.auroc == 1.0 and loc.auprc == 1.0 and loc.n_lesion_blocks == 1 and loc.n_blocks == 16
+    assert mt.localisation(-score_map, labels, inside).auroc == 0.0
+    # blocks outside the body do not count: the highest outside block cannot hurt
+    score_map[0, 0] = 5.0
+    inside[0, 0] = False
+    assert mt.localisation(score_map, labels, inside).auroc == 1.0
+    # a lesion over every inside block has no AUROC: skipped and counted
+    undefined = mt.localisation(score_map, np.ones((4, 4), dtype=bool), inside)
+    assert undefined.auroc is None
+    summary = mt.localisation_level([loc, undefined], ["a", "b"], n_boot=50)
+    assert summary["auroc"] == 1.0 and summary["n_images"] == 1 and summary["n_skipped"] == 1
+
+
+def test_paired_difference_of_identical_methods_is_zero():
+    a = [0.9, 0.7, None, 0.8]
+    out = mt.paired_difference(a, a, ["p1", "p2", "p3", "p4"], n_boot=50)
+    assert out == {"mean": 0.0, "ci": [0.0, 0.0], "n": 3}
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def test_centrality_peaks_at_the_centre_and_is_symmetric():
+    c = bl.centrality_blocks((40, 40), 8)
+    assert c.shape == (5, 5)
+    assert np.unravel_index(np.argmax(c), c.shape) == (2, 2) and c[2, 2] == 0.0
+    assert np.allclose(c, c.T) and np.allclose(c, c[::-1, ::-1])
+    # partial edge block: 20 pixels with blocks of 8 -> centres 3.5, 11.5, 17.5 vs image centre 9.5
+    assert np.allclose(bl.centrality_blocks((20, 20), 8)[0], -np.hypot(np.array([3.5, 11.5, 17.5]) - 9.5, 6.0))
+
+
+def test_residual_map_is_the_image_error_for_full_sampling():
+    physics = parse_physics("mri:accel=1,center=0,noise=0", 16, generator=torch.Generator().manual_seed(0))
+    truth = torch.zeros(1, 1, 16, 16)
+    truth[0, 0, 4:8, 4:8] = 0.5
+    y = physics.A(truth)
+    assert torch.allclose(bl.residual_map(physics, truth[0, 0], y), torch.zeros(16, 16), atol=1e-6)
+    wrong = truth.clone()
+    wrong[0, 0, 10, 12] += 0.3
+    assert torch.allclose(bl.residual_map(physics, wrong[0, 0], y), (wrong - truth).abs()[0, 0], atol=1e-6)
+
+
+def test_brightness_deviation_is_distance_from_the_body_median():
+    image = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 2.0], [0.0, 3.0, 4.0]])
+    body = image > 0
+    dev = bl.brightness_deviation_map(image, body)
+    assert torch.allclose(dev, (image - 2.0).abs())  # torch median of [1, 2, 3, 4] is the lower one: 2
+
+
+def _gaussian_prior(var: np.ndarray, mean: float = 0.0) -> GaussianPrior:
+    n = var.size
+    return GaussianPrior(torch.full((n,), mean), torch.diag(torch.as_tensor(var.reshape(-1))),
+                         (1, *var.shape), linear_beta_alphas_cumprod(1000))
+
+
+def test_eigenscore_finds_the_known_leading_posterior_eigenpair():
+    """Gaussian prior, diagonal covariance with one high-variance pixel: the exact posterior
+    covariance of x0 given u = x0 + sigma z is diag(v sigma^2 / (v + sigma^2)), so the top
+    eigenvalue over sigma^2 is 4 / (4 + sigma^2) at that pixel."""
+    var = np.full((4, 4), 0.01)
+    var[1, 2] = 4.0
+    prior = _gaussian_prior(var)
+    levels = (0.1, 0.3)
+    m, score, nfe, info = bl.eigenscore(prior, torch.zeros(4, 4), torch.Generator().manual_seed(0), levels,
+                                        rank=2, iterations=3)
+    assert m.shape == (4, 4) and nfe == len(levels) * (1 + 3 * 2)
+    assert np.unravel_index(int(torch.argmax(m)), (4, 4)) == (1, 2)
+    expected = [4.0 / (4.0 + lvl["sigma"] ** 2) for lvl in info["levels"]]
+    assert score == pytest.approx(np.mean(expected), rel=1e-3)
+    for lvl in info["levels"]:
+        s2 = lvl["sigma"] ** 2
+        assert lvl["eigenvalues_over_sigma2"][1] == pytest.approx(0.01 / (0.01 + s2), rel=1e-2, abs=1e-4)
+
+
+def test_anoddpm_error_is_largest_where_the_image_leaves_the_prior():
+    prior = _gaussian_prior(np.full((16, 16), 0.01))
+    x = torch.zeros(16, 16)
+    x[8:12, 4:8] = 1.0  # a bright square a N(0, 0.01) prior cannot explain
+    gen = torch.Generator().manual_seed(0)
+    m, nfe, ts = bl.anoddpm_map(prior, x, gen, t_frac=0.5, steps=3)
+    assert m.shape == (16, 16) and nfe == 3 and ts[0] == round(0.5 * 999) and ts[-1] == 0
+    blocks = m.reshape(4, 4, 4, 4).mean(dim=(1, 3))
+    assert np.unravel_index(int(torch.argmax(blocks)), (4, 4)) == (2, 1)
+    again, _, _ = bl.anoddpm_map(prior, x, torch.Generator().manual_seed(0), t_frac=0.5, steps=3)
+    assert torch.equal(m, again)
+    assert bl.anoddpm_map(prior, x, gen, t_frac=0.5, steps=1)[1] == 1
+
+
+def test_cfs_density_scores_training_like_features_low_and_new_features_high():
+    """Fitted on healthy phantoms, the feature density gives a slice like them a lower mean
+    Mahalanobis distance than the same slice with a large bright lesion, and most of its
+    excess lies on the lesion."""
+    prior = tiny_prior(32)
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(np.stack([2 * mr_phantom(32, rng).image - 1 for _ in range(12)]))[:, None]
+    density = fit_feature_density(prior, train, torch.Generator().manual_seed(0))
+    assert density.mean.numel() == 48 and density.n_slices == 12
+    ph = mr_phantom(32, rng)
+    ins = insert_flair_lesion(ph.image, ph.pixel_spacing_mm, rng, diameter_mm=60.0, contrast=0.5,
+                              placement_mask=ph.masks["brain"])
+    healthy = density.score_map(prior, torch.from_numpy(2 * ph.image - 1), torch.Generator().manual_seed(1))
+    lesioned = density.score_map(prior, torch.from_numpy(2 * ins.image - 1), torch.Generator().manual_seed(1))
+    assert healthy.shape == (32, 32) and float(lesioned.mean()) > float(healthy.mean())
+    excess = (lesioned - healthy).numpy()
+    assert excess[ins.mask].mean() > excess[~ins.mask].mean()
+
+
+def tiny_prior(size: int = 16) -> DiffusionPrior:
+    config = PriorConfig(
+        name="tiny", modality="MR", image_size=size, architecture=default_architecture((16, 16, 16, 16)),
+        schedule=default_schedule(100), intensity=IntensityRule("mr-percentile", percentile=99.0, reference=0.8),
+        weights_dtype="float32",
+    )
+    torch.manual_seed(0)  # test-only: the network's random initialisation
+    return DiffusionPrior(config).eval().requires_grad_(False)
+
+
+def test_compute_baselines_shapes_and_identities():
+    prior = tiny_prior(16)
+    image = torch.from_numpy(2 * mr_phantom(16).image - 1)
+    physics = parse_physics("mri:accel=2,center=0.25,noise=0.01", 16, generator=torch.Generator().manual_seed(0))
+    y = physics(image.reshape(1, 1, 16, 16))
+    result = reconstruct_measurement(prior, physics, y, KLIPSettings(samples=2, steps=3, block_size=4))
+    settings = bl.BaselineSettings(anoddpm_steps=2, eigen_levels=(0.3,), eigen_rank=2, eigen_iterations=2)
+    with pytest.raises(KLIPMedError, match="feature_density"):
+        bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1), settings)
+    train = torch.from_numpy(np.stack([2 * mr_phantom(16, np.random.default_rng(k)).image - 1 for k in range(4)]))
+    density = fit_feature_density(prior, train[:, None], torch.Generator().manual_seed(0))
+    maps = bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1), settings, density)
+    assert list(maps) == list(bl.BASELINES)
+    for name, m in maps.items():
+        if name == "centrality":
+            assert m.pixel_map is None
+            continue
+        assert m.pixel_map.shape == (16, 16) and np.isfinite(m.pixel_map).all(), name
+    assert np.array_equal(maps["brightness"].pixel_map, result.baseline.numpy())
+    assert np.array_equal(maps["posterior_std"].pixel_map, result.recon_std.numpy())
+    assert maps["anoddpm"].nfe == 2 and maps["eigenscore"].nfe == 1 + 2 * 2
+    assert maps["eigenscore"].native_score is not None and maps["cfs"].nfe == 1
+    assert all(maps[n].nfe == 0 for n in ("posterior_std", "residual", "brightness", "brightness_dev"))
+    skipped = bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1),
+                                   bl.BaselineSettings(skip=("eigenscore", "anoddpm", "cfs")))
+    assert "eigenscore" not in skipped and "anoddpm" not in skipped and "cfs" not in skipped
+    with pytest.raises(KLIPMedError, match="skip: expected names among"):
+        bl.BaselineSettings(skip=("dlsr",))
+
+
+# ---------------------------------------------------------------- selection and runner
+
+
+def _tiny_manifest(tmp_path, size: int = 32, patients: int = 3) -> tuple:
+    """Patients of 7 slices: 0 empty, 1, 2, 6 healthy heads, 3-5 heads with a FLAIR lesion."""
+    root = tmp_path / "data"
+    (root / "tiny").mkdir(parents=True)
+    items = []
+    for p in range(patients):
+        rng = np.random.default_rng(p)
+        slices, masks = [np.zeros((size, size))], [np.zeros((size, size), dtype=bool)]
+        for k in range(1, 7):
+            ph = mr_phantom(size, rng)
+            if 3 <= k <= 5:
+                ins = insert_flair_lesion(ph.image, ph.pixel_spacing_mm, rng, diameter_mm=40.0, contrast=0.35,
+                                          placement_mask=ph.masks["brain"])
+                slices.append(ins.image)
+                masks.append(ins.mask)
+            else:
+                slices.append(ph.image)
+                masks.append(np.zeros((size, size), dtype=bool))
+        path = root / "tiny" / f"P{p}.npz"
+        np.savez(path, flair=(np.stack(slices) * 255).round().astype(np.uint8), mask=np.stack(masks))
+        items.append({"file": f"tiny/P{p}.npz", "sha256": file_sha256(path), "split": "dev", "slices": "all",
+                      "labels": {"patient": f"P{p}", "lesion_slices": [3, 4, 5]}})
+    rng = np.random.default_rng(99)
+    healthy = np.stack([mr_phantom(size, rng).image for _ in range(8)])
+    path = root / "tiny" / "T0.npz"
+    np.savez(path, flair=(healthy * 255).round().astype(np.uint8), mask=np.zeros(healthy.shape, dtype=bool))
+    items.append({"file": "tiny/T0.npz", "sha256": file_sha256(path), "split": "train", "slices": "all",
+                  "labels": {"patient": "T0"}})
+    manifest = tmp_path / "tiny.json"
+    manifest.write_text(json.dumps({"schema": "klip-med-manifest", "version": 1, "name": "tiny", "modality": "MR",
+                                    "array_key": "flair", "mask_key": "mask", "items": items}))
+    return manifest, root
+
+
+def test_selection_matches_each_tumour_slice_with_a_healthy_one(tmp_path):
+    manifest_path, root = _tiny_manifest(tmp_path, size=SIZE)
+    manifest = read_manifest(manifest_path, root)
+    prior = tiny_prior(SIZE)
+    chosen = select_slices(manifest, "dev", prior, max_patients=2, max_slices_per_patient=4, min_body_fraction=0.2)
+    assert [s.patient for s in chosen] == ["P0"] * 4 + ["P2"] * 4  # evenly spaced patients: first and last
+    for pat in ("P0", "P2"):
+        mine = [s for s in chosen if s.patient == pat]
+        ood = [s for s in mine if s.label == 1]
+        ids = [s for s in mine if s.label == 0]
+        assert len(ood) == 2 and len(ids) == 2
+        assert all(s.lesion.sum() >= 1 for s in ood) and not any(s.lesion.any() for s in ids)
+        assert {s.info["matched_to"] for s in ids} == {s.key for s in ood}
+        assert all(s.info["slice"] != 0 for s in mine)  # the empty slice is never eligible
+    assert all(s.image.dtype == np.float32 and s.image.min() >= -1 and s.image.max() <= 1 for s in chosen)
+    with pytest.raises(KLIPMedError, match="held-out"):
+        select_slices(manifest, "train", prior)
+    assert slice_seed(0, "a") == slice_seed(0, "a") != slice_seed(1, "a")
+
+
+def test_inserted_mode_makes_matched_pairs(tmp_path):
+    manifest_path, root = _tiny_manifest(tmp_path, size=32, patients=1)
+    manifest = read_manifest(manifest_path, root)
+    chosen = select_slices(manifest, "dev", tiny_prior(32), max_slices_per_patient=2, lesions="inserted",
+                           min_body_fraction=0.2, pixel_spacing_mm=7.5)
+    assert [s.label for s in chosen] == [0, 1]
+    healthy, lesioned = chosen
+    assert healthy.seed_key == lesioned.seed_key and lesioned.key == healthy.key + "+lesion"
+    assert lesioned.lesion.sum() >= 2 and not np.array_equal(healthy.image, lesioned.image)
+
+
+SIZE = 16
+FAST_BASELINES = bl.BaselineSettings(anoddpm_steps=2, eigen_levels=(0.3,), eigen_rank=2, eigen_iterations=2,
+                                     cfs_train_slices=8)
+
+
+def _settings() -> KLIPSettings:
+    return KLIPSettings(samples=2, steps=3, block_size=4, top_k=2, seed=3)
+
+
+def _run(manifest, root, out, prior, max_slices=4, **kw):
+    kw.setdefault("baselines", FAST_BASELINES)
+    return run_benchmark(manifest, root, prior, "mri:accel=2,center=0.25,noise=0.01", "dev", _settings(), 2,
+                         max_slices, out, n_boot=50, min_body_fraction=0.2, log=None, **kw)
+
+
+def _without_costs(methods: dict) -> dict:
+    return {name: {k: v for k, v in m.items() if k != "cost"} for name, m in methods.items()}
+
+
+def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from klip_med.eval.runner import DEFAULT_WINDOWS, _fit_cfs, _windows, process_slice
+
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE)
+    prior = tiny_prior(SIZE)
+    out = tmp_path / "run"
+    results = _run(manifest, root, out, prior, block_sizes=[4, 8])
+    assert results["counts"] == {"images": 8, "ood": 4, "id": 4, "patients": 2, "computed_now": 8, "missing": 0}
+    names = list(results["methods"])
+    for w in DEFAULT_WINDOWS:
+        assert f"klip[{w}]" in names and f"klip_paper[{w}]" in names
+    for b in ("posterior_std", "residual", "anoddpm", "eigenscore", "cfs", "brightness", "brightness_dev",
+              "centrality", "eigenscore_lambda1"):
+        assert b in names
+    for name, m in results["methods"].items():
+        assert 0 <= m["dataset"]["auroc"] <= 1, name
+        if name != "eigenscore_lambda1":
+            assert m["localisation"]["n_images"] + m["localisation"]["n_skipped"] == 4
+    assert results["methods"]["klip[full]"]["cost"]["nfe_per_image"] == 3 * 2
+    assert results["methods"]["anoddpm"]["cost"]["extra_nfe_per_image"] == 2
+    assert results["methods"]["brightness"]["cost"]["nfe_per_image"] == 0
+    assert "localisation_auroc" in results["methods"]["klip[full]"]["vs"]["brightness"]
+    for f in ("results.json", "results.md", "results_roc_dataset.png", "results_b8.json", "results_b8.md"):
+        assert (out / f).is_file(), f
+    assert "| klip[full] |" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["benchmark"]["block_size"] == 4
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached slice was sampled again")
+
+    monkeypatch.setattr("klip_med.pipeline.reconstruct_measurement", no_sampling)
+    again = _run(manifest, root, out, prior)
+    assert again["counts"]["computed_now"] == 0
+    assert _without_costs(again["methods"]) == _without_costs(results["methods"])
+    monkeypatch.undo()
+
+    # determinism: the first slice computed afresh equals its cached maps bit for bit
+    from klip_med.eval.selection import select_slices as select
+
+    read = read_manifest(manifest, root)
+    first = select(read, "dev", prior, 2, 4, seed=3, min_body_fraction=0.2)[0]
+    settings = replace(_settings(), windows=_windows(DEFAULT_WINDOWS, prior, 3))
+    density = _fit_cfs(read, prior, FAST_BASELINES, 3, torch.device("cpu"), 0.2, lambda _: None)
+    maps, _, _, _ = process_slice(prior, "mri:accel=2,center=0.25,noise=0.01", first, settings, FAST_BASELINES,
+                                  torch.device("cpu"), density)
+    cached = read_slice(slice_path(out / "slices", first.key))
+    assert set(maps) == set(cached.maps) and all(np.array_equal(maps[n], cached.maps[n]) for n in maps)
+
+
+def test_runner_recomputes_a_slice_when_settings_change(tmp_path):
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE, patients=1)
+    prior = tiny_prior(SIZE)
+    out = tmp_path / "run"
+    cheap = bl.BaselineSettings(skip=("anoddpm", "eigenscore", "cfs"))
+    _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=cheap)
+    changed = _run(manifest, root, out, prior, max_slices=2, windows=("full", "t:0,0.3"), baselines=cheap)
+    assert changed["counts"]["computed_now"] == 2
+    with pytest.raises(KLIPMedError, match="windows"):
+        _run(manifest, root, out, prior, windows=("sigma:100,200",))
+
+
+def test_eval_parser_registers_every_option():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    args = parser.parse_args(["eval", "--manifest", "m.json", "--prior", "p", "--physics", "mri:accel=4",
+                              "--split", "test", "--samples", "2", "--steps", "10", "--sampler", "dps",
+                              "--max-patients", "2", "--max-slices", "2", "--out", "o", "--seed", "1",
+                              "--device", "cpu", "--block-sizes", "4,8", "--skip", "eigenscore"])
+    assert args.split == "test" and args.block_sizes == [4, 8] and args.skip == ["eigenscore"]
+    assert args.max_patients == 2 and args.max_slices == 2 and callable(args.run)
