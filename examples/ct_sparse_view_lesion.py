@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from klip_med import priors
 from klip_med.data.lesions import insert_ct_lesion
+from klip_med.eval.metrics import lesion_blocks, localisation
 from klip_med.io import read_dicom_series, resample_inplane
 from klip_med.pipeline import KLIPSettings, reconstruct_image
 from klip_med.score.blocks import pool_blocks
@@ -35,12 +35,11 @@ PRIOR = "ct-abdomen-128"
 
 
 def block_auroc(pixel_map: np.ndarray, labels: np.ndarray, inside: np.ndarray, size: int) -> float:
-    """AUROC of a pixel map's block means as a detector of ``labels`` over the blocks ``inside``."""
+    """AUROC of a pixel map's block means as a detector of ``labels`` over the blocks ``inside``
+    (the benchmark's own :func:`klip_med.eval.metrics.localisation`; NaN when undefined)."""
     scores = pool_blocks(torch.as_tensor(pixel_map, dtype=torch.float32), size).densities.numpy()
-    y = labels[inside]
-    if y.all() or not y.any():
-        return float("nan")
-    return float(roc_auc_score(y, scores[inside]))
+    auroc = localisation(scores, labels, inside).auroc
+    return float("nan") if auroc is None else auroc
 
 
 def psnr(image: np.ndarray, truth: np.ndarray, data_range: float = 2.0) -> float:
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     klip = result.klip[0].numpy()
     fbp, mean, std = result.baseline.numpy(), result.recon_mean.numpy(), result.recon_std.numpy()
     body, inside = result.body_mask.numpy(), result.inside.numpy()
-    labels = pool_blocks(torch.as_tensor(lesion, dtype=torch.float32), args.block).sums.numpy() > 0
+    labels = lesion_blocks(lesion, args.block)
     k_in, k_out = klip[lesion].mean(), klip[body & ~lesion].mean()
 
     print(f"case            {CASE.name}/ct_slice.dcm + lesion {inserted.lesion.diameter_mm:.0f} mm, "

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from klip_med import priors
+from klip_med.eval.metrics import lesion_blocks, localisation
 from klip_med.pipeline import KLIPSettings, parse_window, reconstruct_image
 from klip_med.score.blocks import pool_blocks
 
@@ -35,12 +35,11 @@ WINDOWS = ("full", "t:0.3,1", "t:0.6,1")
 
 
 def block_auroc(pixel_map: np.ndarray, labels: np.ndarray, inside: np.ndarray, size: int) -> float:
-    """AUROC of a pixel map's block means as a detector of ``labels`` over the blocks ``inside``."""
+    """AUROC of a pixel map's block means as a detector of ``labels`` over the blocks ``inside``
+    (the benchmark's own :func:`klip_med.eval.metrics.localisation`; NaN when undefined)."""
     scores = pool_blocks(torch.as_tensor(pixel_map, dtype=torch.float32), size).densities.numpy()
-    y = labels[inside]
-    if y.all() or not y.any():
-        return float("nan")
-    return float(roc_auc_score(y, scores[inside]))
+    auroc = localisation(scores, labels, inside).auroc
+    return float("nan") if auroc is None else auroc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     std = result.recon_std.numpy()
     body = result.body_mask.numpy()
     inside = result.inside.numpy()
-    labels = pool_blocks(torch.as_tensor(tumour, dtype=torch.float32), args.block).sums.numpy() > 0
+    labels = lesion_blocks(tumour, args.block)
     n_pos = int(labels[inside].sum())
 
     print(f"case            {CASE.name} (TCGA-LGG, held out), tumour {int(tumour.sum())} pixels")
