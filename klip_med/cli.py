@@ -8,6 +8,8 @@ Subcommands:
     train    train a diffusion prior on a data manifest (resumable)
     priors   list the shipped priors and their model cards
     evaluate-prior   measure a prior on held-out healthy slices (numbers for its model card)
+    calibrate  fit a null model on in-distribution data: KLIP z-scores, p-values, a calibrated SEG threshold
+    bench    time posterior sampling with KLIP: overhead, memory, deepinv and stored-trajectory comparisons
 
 Exit codes:
     0    success
@@ -190,13 +192,14 @@ def _print_outputs(summary: dict, out: Path) -> None:
 
     files = summary["outputs"]
     print(f"outputs in {out}/:")
-    for key in ("summary", "report", "recon_nifti", "klip_nifti", "source_dicom", "recon_series",
+    for key in ("summary", "report", "recon_nifti", "klip_nifti", "klip_z_nifti", "source_dicom", "recon_series",
                 "parametric_map", "seg", "secondary_capture"):
         value = files.get(key)
         if value is None:
             continue
         if isinstance(value, list):
-            value = value[0] if len(value) == 1 else f"{len(value)} files in {Path(value[0]).parent}/"
+            more = f" (+{len(value) - 1} windows in {Path(value[1]).parent}/)" if len(value) > 1 else ""
+            value = f"{value[0]}{more}"
         print(f"  {key:<18} {value}")
     if "seg" in files and files["seg"] is None:
         print("  seg                (not written: no block reached the threshold)")
@@ -213,7 +216,7 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out or f"klip-med-demo-{args.case}")
     expect(not out.is_file(), "--out", "a folder (new or existing)", f"a file {str(out)!r}")
     summary = run_demo(out, args.case, device=device, settings=settings, threshold=args.threshold,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, null=args.null)
     _print_outputs(summary, out)
     return 0
 
@@ -222,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from klip_med import priors
-    from klip_med.pipeline import check_windows, parse_window
+    from klip_med.pipeline import check_windows, default_windows, parse_window
     from klip_med.run import RunOptions, prepare_out, read_input, run_volume
 
     started = time.perf_counter()
@@ -235,10 +238,11 @@ def _run(args: argparse.Namespace) -> int:
     expect(not out.is_file(), "--out", "a folder (new or existing)", f"a file {str(out)!r}")
     settings = _settings(args, RUN_DEFAULTS)
     options = RunOptions(args.physics, settings, slice_batch=args.slice_batch, threshold=args.threshold,
-                         device=device)
+                         device=device, null=args.null)
     prior = priors.load(args.prior, device=device)
     _check_physics(args.physics, int(prior.image_shape[-1]))
-    windows = tuple(parse_window(w, prior.alphas_cumprod) for w in (args.window or ["full"]))
+    windows = (tuple(parse_window(w, prior.alphas_cumprod) for w in args.window) if args.window
+               else default_windows(prior, settings))
     options = replace(options, settings=replace(settings, windows=windows))
     check_windows(prior, options.settings)
     run_input = read_input(input_path)
@@ -252,7 +256,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sampler_flags(parser: argparse.ArgumentParser, defaults: dict) -> argparse._ArgumentGroup:
+def _add_sampler_flags(parser: argparse.ArgumentParser, defaults: dict, outputs: bool = True) -> argparse._ArgumentGroup:
+    """Sampler flags shared by demo / run / calibrate; ``outputs`` adds --threshold and --null."""
     group = parser.add_argument_group("sampling and scoring")
     group.add_argument("--samples", type=int, help=f"posterior samples per slice (default {defaults['samples']})")
     group.add_argument("--steps", type=int, help=f"sampling steps (default {defaults['steps']})")
@@ -260,12 +265,23 @@ def _add_sampler_flags(parser: argparse.ArgumentParser, defaults: dict) -> argpa
                        help="fast: DDS, 1 network call per step; dps: backprop through the network per step "
                             f"(default {defaults['sampler']})")
     group.add_argument("--seed", type=int, help=f"seeds the measurement and the sampler (default {defaults['seed']})")
-    group.add_argument("--threshold", default="p95",
-                       help="OOD mask (SEG) threshold: 'pNN' = NN-th percentile of in-body block densities "
-                            "of the volume, or a number of nats per pixel (default p95)")
+    if outputs:
+        _add_output_flags(group)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return group
+
+
+def _add_output_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--threshold", default="auto",
+                       help="OOD mask (SEG) threshold: 'fpr:A' = blocks whose null z-score only a fraction A of "
+                            "in-distribution blocks reach (needs a null model); 'pNN' = NN-th percentile of in-body "
+                            "block densities of the volume (uncalibrated); or nats per pixel. Default auto: "
+                            "fpr:0.01 with a null model, else p95")
+    group.add_argument("--null", default="auto",
+                       help="null model of the first window: a JSON file from `klip-med calibrate`, 'auto' (one "
+                            "shipped with the prior for exactly these physics and settings, if any) or 'none' "
+                            "(default auto)")
 
 
 def _add_demo_and_run(sub) -> None:
@@ -311,7 +327,8 @@ def _add_demo_and_run(sub) -> None:
     group = _add_sampler_flags(run, RUN_DEFAULTS)
     group.add_argument("--window", action="append",
                        help="KLIP window, repeatable: full | t:A,B (diffusion time t/T) | sigma:A,B "
-                            "(default full; the first one is the headline map)")
+                            "(the first one is the headline map in nats; default t:0.1,1 then t:0.1,0.2 ... "
+                            "t:0.9,1, the windows the shipped null models combine)")
     group.add_argument("--block", type=int,
                        help=f"block side in working-grid pixels (default {RUN_DEFAULTS['block_size']})")
     run.add_argument("--slice-batch", type=int, default=1,
@@ -422,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     from klip_med.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from klip_med.calibrate_cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
+    from klip_med.bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -191,8 +191,10 @@ def run_demo(
     *,
     device: str = "cpu",
     settings=None,
-    threshold: str = "p95",
+    threshold: str = "auto",
     progress: bool = True,
+    null: str | None = "auto",
+    windows=None,
 ) -> dict[str, Any]:
     """Run a demo case end to end and write its outputs in ``out``; returns the summary.
 
@@ -201,7 +203,10 @@ def run_demo(
         case: ``"mri"`` or ``"ct"``.
         device: ``"cpu"`` or ``"cuda"``.
         settings: a :class:`klip_med.pipeline.KLIPSettings` (default :func:`demo_settings`).
-        threshold: OOD mask threshold (``"p95"`` or nats per pixel).
+        threshold: OOD mask threshold (:func:`klip_med.outputs.parse_threshold`; default ``auto``).
+        null: null model (:attr:`klip_med.run.RunOptions.null`; default ``auto``: the one shipped for
+            the demo's settings).
+        windows: window specs (default :func:`klip_med.pipeline.default_windows`).
     """
     from klip_med import priors
     from klip_med.run import SLICES_DIR, RunOptions, prepare_out, run_volume
@@ -211,11 +216,19 @@ def run_demo(
     started = time.perf_counter()
     out_dir = prepare_out(out)
     physics = MRI_PHYSICS if case == "mri" else CT_PHYSICS
-    options = RunOptions(physics, settings, slice_batch=1, threshold=threshold, device=device)
+    options = RunOptions(physics, settings, slice_batch=1, threshold=threshold, device=device, null=null)
     shutil.rmtree(out_dir / SLICES_DIR, ignore_errors=True)  # a demo always starts afresh
     out_dir.mkdir(parents=True, exist_ok=True)
     run_input, info = (mri_case if case == "mri" else ct_case)(out_dir)
     prior = priors.load(PRIORS[case], device=device)
+    from dataclasses import replace
+
+    from klip_med.pipeline import check_windows, default_windows, parse_window
+
+    chosen = (default_windows(prior, settings) if windows is None
+              else tuple(parse_window(w, prior.alphas_cumprod) for w in windows))
+    options = replace(options, settings=replace(settings, windows=chosen))
+    check_windows(prior, options.settings)
     prepare_s = round(time.perf_counter() - started, 2)
     source = sorted(str(p.relative_to(out_dir)) for p in (out_dir / "dicom" / "source").glob("*.dcm"))
     summary_extra = {"command": "demo", "demo": info, "timings": {"prepare_s": prepare_s},

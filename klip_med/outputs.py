@@ -7,7 +7,7 @@ In the output folder ``DIR`` (every file written atomically; inputs never touche
                     physics, settings and seed, timings, package versions, file list
 ``recon.nii.gz``    posterior mean on the source grid, physical units (HU / MR signal)
 ``klip.nii.gz``     KLIP map of the first window, nats per *source* pixel (block sums kept)
-``klip_<w>.nii.gz`` further windows (``--window`` given more than once), same units
+``klip_windows/``   further windows (``klip_<k>_<window>.nii.gz``), same units
 ``report.png``      the highest-scoring slice: input | baseline | posterior mean | posterior std |
                     KLIP over the posterior mean (truth mask contour cyan, OOD mask dashed lime)
 ``dicom/``          only for DICOM sources: ``recon/`` (derived series), ``klip_pm.dcm``
@@ -21,9 +21,19 @@ prior's working grid: nats per working pixel, the units of :class:`klip_med.pipe
 Maps written on the source grid (NIfTI, Parametric Map, report) are in nats per source pixel:
 resampled with ``kind="density"``, so a region's sum in nats is the same on both grids.
 
-OOD mask (``klip_seg.dcm``). The blocks inside the body whose first-window density is at least the
-threshold. ``threshold`` is ``"pNN"`` (default ``"p95"``: the NN-th percentile of the densities of
-all in-body blocks of the volume) or a number in nats per working pixel.
+OOD mask (``klip_seg.dcm``). The blocks inside the body flagged by the threshold:
+
+- ``"fpr:A"`` (needs a null model, :mod:`klip_med.score.null`): blocks whose null z-score reaches
+  the level that a fraction ``A`` of in-distribution blocks reach (a calibrated false-positive
+  rate per block);
+- ``"pNN"``: blocks whose first-window density is at least the NN-th percentile of the densities of
+  all in-body blocks of the volume (always flags about 1 - NN/100 of them; not calibrated);
+- a number: a density in nats per working pixel;
+- ``"auto"`` (the default): ``fpr:0.01`` when a null model applies, else ``p95``.
+
+With a null model, ``klip_z.nii.gz`` holds the block z-scores on the source grid (0 outside the
+body) and
+``summary.json`` the z-score and p-value of the top blocks.
 """
 
 from __future__ import annotations
@@ -74,16 +84,29 @@ class VolumeResult:
     inside: np.ndarray
     slices: list[dict[str, Any]]
     block_size: int
+    zscores: np.ndarray | None = None
+    """float64 ``(Z, gh, gw)`` null z-scores of the first-window blocks (None without a null model)."""
+
+
+AUTO_FPR = 0.01
+"""False-positive rate per block of ``--threshold auto`` when a null model applies."""
 
 
 # ------------------------------------------------------------------------- threshold
 
 
 def parse_threshold(text: str | float) -> tuple[str, float]:
-    """``"p95"`` -> ``("percentile", 95.0)``; ``"1.5"`` -> ``("nats_per_pixel", 1.5)``."""
+    """``"p95"`` -> ``("percentile", 95.0)``; ``"1.5"`` -> ``("nats_per_pixel", 1.5)``;
+    ``"fpr:0.01"`` -> ``("fpr", 0.01)``; ``"auto"`` -> ``("auto", nan)``."""
     raw = str(text).strip()
     try:
-        if raw.lower().startswith("p"):
+        if raw.lower() == "auto":
+            return "auto", math.nan
+        if raw.lower().startswith("fpr:"):
+            value = float(raw[4:])
+            ok = 0.0 < value < 1.0
+            kind = "fpr"
+        elif raw.lower().startswith("p"):
             value = float(raw[1:])
             ok = 0.0 <= value <= 100.0
             kind = "percentile"
@@ -93,27 +116,64 @@ def parse_threshold(text: str | float) -> tuple[str, float]:
             kind = "nats_per_pixel"
     except ValueError:
         ok, kind, value = False, "", 0.0
-    expect(ok, "--threshold", "'pNN' (percentile of in-body block densities, 0-100) or a number of "
-           "nats per pixel >= 0", repr(raw))
+    expect(ok, "--threshold", "'auto', 'fpr:A' (false-positive rate per block, 0 < A < 1, needs a null model), "
+           "'pNN' (percentile of in-body block densities, 0-100) or a number of nats per pixel >= 0", repr(raw))
     return kind, value
 
 
-def resolve_threshold(spec: str | float, densities: np.ndarray, inside: np.ndarray) -> float:
-    """The OOD threshold in nats per working pixel for block ``densities`` (Z, gh, gw)."""
+def flag_blocks(result: VolumeResult, spec: str | float, null=None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which blocks the OOD mask holds, and how that was decided.
+
+    Args:
+        result: per-slice results (``zscores`` set when ``null`` is given).
+        spec: threshold spec (:func:`parse_threshold`).
+        null: the :class:`~klip_med.score.null.NullModel` the z-scores came from, or None.
+
+    Returns:
+        ``(flagged, info)``: bool ``(Z, gh, gw)`` (in-body blocks only) and the summary's
+        ``threshold`` record.
+    """
     kind, value = parse_threshold(spec)
+    if kind == "auto":
+        kind, value = ("fpr", AUTO_FPR) if null is not None else ("percentile", 95.0)
+    info: dict[str, Any] = {"spec": str(spec), "kind": kind, "value": value}
+    if kind == "fpr":
+        expect(null is not None and result.zscores is not None, "--threshold",
+               "a null model for 'fpr:A' (--null FILE from `klip-med calibrate`, or a shipped one for these settings)",
+               f"{spec!r} with no null model")
+        z_thr = null.z_threshold(value)
+        flagged = result.inside & (result.zscores >= z_thr)
+        info.update({"z_threshold": z_thr, "rule": f"OOD mask = in-body blocks whose null z-score >= {z_thr:.3f}, "
+                     f"reached by a fraction {value:g} of in-distribution blocks ({null.source})"})
+    else:
+        thr = resolve_threshold(f"p{value}" if kind == "percentile" else value, result.densities, result.inside)
+        flagged = result.inside & (result.densities >= thr)
+        info.update({"nats_per_pixel": thr, "rule": "OOD mask = in-body blocks whose first-window density >= "
+                     "threshold; 'pNN' = NN-th percentile of all in-body block densities of the volume (not "
+                     "calibrated: it flags about 1 - NN/100 of the blocks of any volume)"})
+    info["blocks_flagged"] = int(flagged.sum())
+    return flagged, info
+
+
+def resolve_threshold(spec: str | float, densities: np.ndarray, inside: np.ndarray) -> float:
+    """The OOD threshold in nats per working pixel for block ``densities`` (Z, gh, gw) (``pNN`` or a number)."""
+    kind, value = parse_threshold(spec)
+    expect(kind in ("percentile", "nats_per_pixel"), "threshold", "'pNN' or a number of nats per pixel", spec)
     if kind == "nats_per_pixel":
         return value
     values = densities[inside] if bool(inside.any()) else densities.ravel()
     return float(np.percentile(values, value))
 
 
-def ood_mask(result: VolumeResult, threshold: float) -> np.ndarray:
-    """bool ``(Z, h, w)``: pixels of the in-body blocks whose density reaches ``threshold``."""
-    flagged = result.inside & (result.densities >= threshold)
-    b = result.block_size
-    full = np.repeat(np.repeat(flagged, b, axis=1), b, axis=2)
-    z, h, w = result.recon.shape
-    return np.ascontiguousarray(full[:, :h, :w])
+def block_to_pixels(blocks: np.ndarray, block_size: int, shape: tuple[int, int]) -> np.ndarray:
+    """``(Z, gh, gw)`` block values repeated onto the ``(Z, h, w)`` working grid."""
+    full = np.repeat(np.repeat(blocks, block_size, axis=1), block_size, axis=2)
+    return np.ascontiguousarray(full[:, : shape[0], : shape[1]])
+
+
+def ood_mask(result: VolumeResult, flagged: np.ndarray) -> np.ndarray:
+    """bool ``(Z, h, w)``: pixels of the ``flagged`` blocks (from :func:`flag_blocks`)."""
+    return block_to_pixels(flagged, result.block_size, result.recon.shape[1:])
 
 
 # ------------------------------------------------------------------------- provenance
@@ -178,11 +238,13 @@ def _source_rows_cols(block: dict[str, Any], source: Volume, work: tuple[int, in
 
 
 def _volume_top_blocks(result: VolumeResult, n: int = 3) -> list[dict[str, Any]]:
+    """The ``n`` in-body blocks ranked by null z-score when there is one, else by density."""
+    rank = np.where(result.inside, result.zscores if result.zscores is not None else result.densities, -np.inf)
     dens = np.where(result.inside, result.densities, -np.inf)
-    order = np.argsort(dens.ravel())[::-1][:n]
+    order = np.argsort(rank.ravel(), kind="stable")[::-1][:n]
     out = []
     for flat in order:
-        if not np.isfinite(dens.ravel()[flat]):
+        if not np.isfinite(rank.ravel()[flat]):
             break
         k, i, j = (int(v) for v in np.unravel_index(flat, dens.shape))
         b = result.block_size
@@ -287,6 +349,7 @@ def write_output_set(
     baseline_name: str = "baseline",
     window_labels: list[str] | None = None,
     title: str = "",
+    null=None,
 ) -> dict[str, Any]:
     """Write the whole output set (see the module docstring) and return the completed summary.
 
@@ -301,6 +364,7 @@ def write_output_set(
         truth_mask: optional bool ``(Z, H, W)`` known lesion mask on the source grid.
         baseline_name: e.g. ``"zero-filled"`` or ``"FBP"``.
         window_labels: labels of the windows, in the order of ``result.klip``.
+        null: the null model ``result.zscores`` came from (None: none applies).
     """
     from klip_med.io import write_nifti
     from klip_med.report import write_report
@@ -311,26 +375,37 @@ def write_output_set(
     std_src = to_source_grid(_physical_std(rule, result.recon_std, mr_scale), source)
     base_src = to_source_grid(_to_physical(rule, result.baseline, mr_scale), source)
     klip_src = [to_source_grid(result.klip[w], source, kind="density") for w in range(result.klip.shape[0])]
-    thr = resolve_threshold(threshold, result.densities, result.inside)
-    mask_work = ood_mask(result, thr)
+    flagged, threshold_info = flag_blocks(result, threshold, null)
+    mask_work = ood_mask(result, flagged)
     mask_src = to_source_grid(mask_work.astype(np.uint8), source, kind="label").astype(bool)
 
     files: dict[str, Any] = {"summary": "summary.json", **summary.get("outputs", {})}
     files["recon_nifti"] = write_nifti(recon_src, out / "recon.nii.gz", source).name
     labels = window_labels or [f"window{w}" for w in range(len(klip_src))]
     files["klip_nifti"] = [write_nifti(klip_src[0], out / "klip.nii.gz", source).name]
+    if len(klip_src) > 1:
+        (out / "klip_windows").mkdir(exist_ok=True)
     for w in range(1, len(klip_src)):
         safe = "".join(c if c.isalnum() else "_" for c in labels[w]).strip("_")
-        files["klip_nifti"].append(write_nifti(klip_src[w], out / f"klip_{w}_{safe}.nii.gz", source).name)
+        path = write_nifti(klip_src[w], out / "klip_windows" / f"klip_{w}_{safe}.nii.gz", source)
+        files["klip_nifti"].append(str(path.relative_to(out)))
+
+    z_src = None
+    if null is not None and result.zscores is not None:
+        z_in = np.where(result.inside, result.zscores, 0.0).astype(np.float32)  # blocks outside the body: 0
+        z_src = to_source_grid(block_to_pixels(z_in, result.block_size, work), source, kind="label")
+        files["klip_z_nifti"] = write_nifti(z_src, out / "klip_z.nii.gz", source).name
 
     scores = np.array([s["score"]["max"] for s in result.slices])
     best = int(np.argmax(scores))
+    if z_src is not None:  # with a null model the report shows the slice with the highest z-score
+        best = int(np.argmax(np.where(result.inside, result.zscores, -np.inf).max(axis=(1, 2))))
     files["report"] = write_report(
         out / "report.png",
         truth=source.pixels[best], baseline=base_src[best], recon=recon_src[best], std=std_src[best],
         klip=klip_src[0][best], truth_mask=None if truth_mask is None else truth_mask[best],
         ood_mask=mask_src[best], spacing=source.spacing[1:], modality=summary.get("input", {}).get("modality"),
-        rule=rule, baseline_name=baseline_name,
+        rule=rule, baseline_name=baseline_name, zmap=None if z_src is None else z_src[best],
         title=f"{title} slice {best}: score {scores[best]:.3g} nats/pixel" if title else "",
     ).name
     if source.is_dicom:
@@ -339,6 +414,9 @@ def write_output_set(
     top = _volume_top_blocks(result)
     for block in top:
         block.update(_source_rows_cols(block, source, work))
+        if null is not None and result.zscores is not None:
+            z = float(result.zscores[block["slice"], block["row"] // result.block_size, block["col"] // result.block_size])
+            block.update({"null_z": z, "null_p": float(null.p_values(np.array(z)))})
     for record in result.slices:
         for block in record["top_blocks"]:
             block.update(_source_rows_cols({**block, "slice": record["slice"]}, source, work))
@@ -350,14 +428,17 @@ def write_output_set(
         "statistic": "block density (nats per working pixel), max over blocks inside the body",
     }
     summary["top_blocks"] = top
-    summary["threshold"] = {
-        "spec": str(threshold),
-        "nats_per_pixel": thr,
-        "rule": "OOD mask = in-body blocks whose first-window density >= threshold; 'pNN' = NN-th "
-                "percentile of all in-body block densities of the volume",
-        "blocks_flagged": int((result.inside & (result.densities >= thr)).sum()),
-        "source_pixels_flagged": int(mask_src.sum()),
-    }
+    summary["threshold"] = {**threshold_info, "source_pixels_flagged": int(mask_src.sum())}
+    if null is not None and result.zscores is not None:
+        zmax = np.where(result.inside, result.zscores, -np.inf).max(axis=(1, 2))
+        summary["null"] = {
+            "source": null.source, "n_images": null.n_images, "conditioning": null.conditioning,
+            "conditions": null.conditions, "max_z_per_slice": [round(float(v), 4) for v in zmax],
+            "min_p_per_slice": [float(v) for v in null.p_values(zmax)],
+            "meaning": "z: log block density standardised against in-distribution reconstructions "
+                       f"({null.conditioning} conditioning); p: fraction of in-distribution blocks at least as extreme "
+                       "(per block, not corrected for the number of blocks)",
+        }
     if truth_mask is not None and bool(truth_mask.any()):
         body_src = to_source_grid(result.body.astype(np.uint8), source, kind="label").astype(bool)
         heat = klip_src[0]

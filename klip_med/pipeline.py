@@ -31,6 +31,14 @@ from klip_med.score.windows import window_from_normalized_time
 
 SAMPLERS = ("fast", "dps")
 
+CALIBRATED_WINDOWS = tuple(f"t:{k / 10:g},{(k + 1) / 10:g}" for k in range(1, 10))
+"""The nine windows t/T in [0.1, 0.2], ..., [0.9, 1] whose null z-scores the default map combines
+(the last 10% of the run, t < 0.1, is left out: the sampler's deterministic last step dominates it)."""
+RUN_WINDOWS = ("t:0.1,1", *CALIBRATED_WINDOWS)
+"""Windows of ``klip-med run`` / ``demo`` by default: the span ``t:0.1,1`` first (the headline map in
+nats), then :data:`CALIBRATED_WINDOWS` for the null model. Chosen on the development patients only;
+see BENCHMARKS.md (issue 8)."""
+
 
 def parse_window(spec: str, alphas_cumprod: Tensor) -> Window:
     """A window from a CLI string.
@@ -159,6 +167,16 @@ def check_windows(prior, settings: KLIPSettings) -> None:
                 f"sampling steps (sigma {min(sigmas):.3g} .. {max(sigmas):.3g}), found none; widen it or "
                 "use more --steps"
             )
+
+
+def default_windows(prior, settings: KLIPSettings) -> tuple[Window, ...]:
+    """:data:`RUN_WINDOWS` for ``prior``, keeping those that hold at least one of the sampler's steps
+    (a run with very few steps loses fine windows, and with them a matching null model); ``full``
+    if none does."""
+    sigmas = _sampler(prior, settings).step_sigmas
+    windows = tuple(w for w in (parse_window(s, prior.alphas_cumprod) for s in RUN_WINDOWS)
+                    if any(w.contains(x) for x in sigmas))
+    return windows or (FULL,)
 
 
 def reconstruct_measurement(prior, physics, y: Tensor, settings: KLIPSettings,

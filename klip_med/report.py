@@ -43,8 +43,9 @@ def write_report(
     baseline_name: str = "baseline",
     title: str = "",
     dpi: int = 100,
+    zmap: np.ndarray | None = None,
 ) -> Path:
-    """Write the five-panel PNG (atomic).
+    """Write the five-panel PNG (six with ``zmap``; atomic).
 
     Args:
         path: ``.png`` file.
@@ -53,20 +54,23 @@ def write_report(
         truth_mask, ood_mask: optional bool ``(H, W)`` contours.
         spacing: (row, column) mm, for the aspect ratio.
         modality, rule: for the panel units and the grey window (the prior's intensity rule).
+        zmap: optional ``(H, W)`` null z-score of each pixel's block (NaN / 0 outside the body):
+            a sixth panel, where the OOD mask is drawn.
     """
     p = Path(path)
     expect(p.suffix.lower() == ".png", "path", "a .png file name", p.name)
     shape = np.shape(truth)
     for name, arr in (("baseline", baseline), ("recon", recon), ("std", std), ("klip", klip),
-                      ("truth_mask", truth_mask), ("ood_mask", ood_mask)):
+                      ("truth_mask", truth_mask), ("ood_mask", ood_mask), ("zmap", zmap)):
         if arr is not None:
             expect(np.shape(arr) == shape, name, f"shape {shape} (the slice)", f"shape {np.shape(arr)}")
     lo, hi = _grey_window(rule, np.asarray(truth))
     unit = "HU" if modality == "CT" else "a.u."
     aspect = float(spacing[0]) / float(spacing[1])
-    fig = Figure(figsize=(17.5, 4.2), dpi=dpi)
+    n_panels = 5 if zmap is None else 6
+    fig = Figure(figsize=(3.5 * n_panels, 4.2), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 5)
+    axes = fig.subplots(1, n_panels)
     grey = dict(cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
     panels = [("input (truth)", truth), (baseline_name, baseline), ("posterior mean", recon)]
     for ax, (name, img) in zip(axes[:3], panels, strict=True):
@@ -84,6 +88,14 @@ def write_report(
                    aspect=aspect, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="KLIP (nats / pixel)")
     ax.set_title("KLIP over posterior mean")
+    if zmap is not None:
+        ax = axes[5]
+        ax.imshow(recon, **grey)
+        z = np.asarray(zmap, dtype=np.float64)
+        im_z = ax.imshow(np.ma.masked_where(~np.isfinite(z) | (z == 0.0), z), cmap="coolwarm", vmin=-4.0, vmax=4.0,
+                         alpha=0.7, aspect=aspect, interpolation="nearest")
+        fig.colorbar(im_z, ax=ax, fraction=0.046, pad=0.04, label="null z-score")
+        ax.set_title("KLIP z (vs healthy)")
     if truth_mask is not None and np.any(truth_mask):
         for a in (axes[0], ax):
             a.contour(np.asarray(truth_mask, dtype=float), levels=[0.5], colors="cyan", linewidths=0.9)

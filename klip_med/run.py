@@ -53,6 +53,7 @@ from klip_med.errors import KLIPMedError, expect
 from klip_med.io import Volume, read_dicom_series, read_nifti, working_grid
 from klip_med.outputs import VolumeResult, parse_threshold, prior_provenance, write_json, write_output_set
 from klip_med.pipeline import KLIPSettings, SliceResult, reconstruct_batch
+from klip_med.score.null import block_covariates
 
 RUN_FORMAT = 1
 SLICES_DIR = "slices"
@@ -138,15 +139,20 @@ class RunOptions:
         physics: operator spec (:func:`klip_med.physics.parse_physics`), e.g. ``ct-sparse:views=60``.
         settings: sampler and KLIP settings (samples, steps, sampler, windows, block size, seed).
         slice_batch: slices per sampler call (B x S samples at once).
-        threshold: OOD mask threshold (:func:`klip_med.outputs.parse_threshold`), e.g. ``"p95"``.
+        threshold: OOD mask threshold (:func:`klip_med.outputs.parse_threshold`): ``"auto"``
+            (``fpr:0.01`` with a null model, else ``p95``), ``"fpr:A"``, ``"pNN"`` or nats per pixel.
         device: ``"cpu"`` or ``"cuda"``.
+        null: null model of the first window (:func:`klip_med.calibrate.resolve_null`): ``"auto"``
+            (one shipped with the prior for exactly these physics and settings, if any), ``"none"``,
+            or a JSON file from ``klip-med calibrate``.
     """
 
     physics: str
     settings: KLIPSettings = field(default_factory=KLIPSettings)
     slice_batch: int = 1
-    threshold: str = "p95"
+    threshold: str = "auto"
     device: str = "cpu"
+    null: str | None = "auto"
 
     def __post_init__(self) -> None:
         from klip_med.physics import parse_spec
@@ -282,6 +288,22 @@ def _stack(records: list[dict[str, Any]], block_size: int) -> VolumeResult:
     )
 
 
+def _apply_null(result: VolumeResult, prior, prior_reference: str | None, options: RunOptions):
+    """Find the run's null model (:attr:`RunOptions.null`) and set ``result.zscores``; returns the
+    model (or None) and a description."""
+    from klip_med.calibrate import resolve_null
+    from klip_med.score.blocks import pool_blocks
+
+    null, windows, description = resolve_null(options.null, prior_reference or prior.config.name, prior,
+                                              options.physics, options.settings)
+    if null is not None:
+        b = options.settings.block_size
+        dens = pool_blocks(torch.from_numpy(result.klip[windows]), b).densities.numpy()  # (W, Z, gh, gw)
+        result.zscores = np.stack([null.z_scores(dens[:, k], block_covariates(result.recon[k], result.body[k], b))
+                                   for k in range(result.recon.shape[0])])
+    return null, description
+
+
 def baseline_name(physics_spec: str) -> str:
     """``"zero-filled"`` for MRI operators, ``"FBP"`` for CT."""
     return "zero-filled" if physics_spec.strip().startswith("mri") else "FBP"
@@ -368,6 +390,7 @@ def run_volume(
     for r in records:
         r["record"].pop("klip", None)  # type: ignore[index]
     result = _stack(records, options.settings.block_size)  # type: ignore[arg-type]
+    null, null_description = _apply_null(result, prior, prior_reference, options)
     if physics_description is None:
         physics_description = _measure(torch.zeros(1, 1, size, size), options, size, 0)[0].describe()
     summary: dict[str, Any] = {
@@ -384,6 +407,7 @@ def run_volume(
         "device": options.device,
         "windows": options.settings.describe()["windows"],
         "klip": klip_metadata,
+        "null_model": null_description,
         **(summary_extra or {}),
     }
     write_start = time.perf_counter()
@@ -398,7 +422,7 @@ def run_volume(
         out, run_input.volume, result, rule=prior.config.intensity, mr_scale=scale,
         threshold=options.threshold, summary=summary, truth_mask=run_input.truth_mask,
         baseline_name=baseline_name(options.physics),
-        window_labels=[w.label for w in options.settings.windows], title=title,
+        window_labels=[w.label for w in options.settings.windows], title=title, null=null,
     )
     written["timings"]["write_s"] = round(time.perf_counter() - write_start, 2)
     written["timings"]["total_s"] = round(time.perf_counter() - started + timings.get("prepare_s", 0.0), 2)

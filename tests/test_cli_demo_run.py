@@ -85,7 +85,7 @@ def test_demo_writes_every_output(case, tmp_path, capsys):
     assert summary["prior"]["name"] == {"mri": "mri-brain-flair-128", "ct": "ct-abdomen-128"}[case]
     assert summary["physics"]["spec"].startswith({"mri": "mri:", "ct": "ct-sparse:"}[case])
     assert summary["settings"]["samples"] == 1 and summary["seed"] == 0
-    assert summary["windows"][0]["name"] == "full" and summary["top_blocks"]
+    assert summary["windows"][0]["name"] in ("t:0.1,1", "full") and summary["top_blocks"]
     assert np.isfinite(summary["score"]["max_nats_per_pixel"]) and summary["timings"]["total_s"] > 0
     assert summary["versions"]["torch"] and summary["truth"]["mask_pixels"] > 0
     for name in ("summary.json", "recon.nii.gz", "klip.nii.gz", "report.png", "dicom/klip_pm.dcm",
@@ -173,7 +173,7 @@ def test_run_dicom_series_writes_dicom_objects(tiny_ct_prior, tmp_path):
     source = read_dicom_series(CT5N)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["slices"]) == 5 and [w["name"] for w in summary["windows"]] == ["full", "t:0.3,1"]
-    assert (out / "klip_1_t_0_3_1.nii.gz").is_file()
+    assert (out / "klip_windows" / "klip_1_t_0_3_1.nii.gz").is_file()
     klip = _nifti_zhw(out / "klip.nii.gz")
     np.testing.assert_allclose(read_parametric_map(out / "dicom" / "klip_pm.dcm", source), klip, rtol=1e-6)
     recon = read_dicom_series(out / "dicom" / "recon")
@@ -262,3 +262,43 @@ def test_internal_errors_exit_1_with_traceback(monkeypatch, capsys, tiny_ct_prio
     assert main(_run_args(ct_nifti, tiny_ct_prior, tmp_path / "o")) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: boom" in err and "internal error" in err
+
+
+# ---------------------------------------------------------------------------------------- null model
+
+
+def test_calibrate_then_run_with_a_null_model(tiny_ct_prior, ct_nifti, tmp_path, capsys):
+    """`klip-med calibrate` on the prior's own samples, then `run --null`: z-scores, p-values and a
+    SEG thresholded at a false-positive rate; a null fitted under other physics is refused."""
+    null_path = tmp_path / "null.json"
+    flags = ["--samples", "1", "--steps", "2", "--block", "8", "--window", "full"]
+    assert main(["calibrate", "--prior", str(tiny_ct_prior), "--physics", "ct-sparse:views=20,noise=0.5",
+                 "--prior-samples", "6", "--out", str(null_path), *flags]) == 0
+    assert "wrote" in capsys.readouterr().out
+    null = json.loads(null_path.read_text())
+    assert null["format"] == "klip-med-null" and null["n_images"] == 6 and null["conditioning"] == "position"
+    assert null["conditions"]["physics"] == "ct-sparse:views=20,noise=0.5" and null["conditions"]["block_size"] == 8
+
+    out = tmp_path / "out"
+    run = ["run", "--input", str(ct_nifti), "--prior", str(tiny_ct_prior), "--out", str(out), "--no-progress",
+           "--null", str(null_path), "--threshold", "fpr:0.2", *flags]
+    assert main([*run, "--physics", "ct-sparse:views=20,noise=0.5"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"]["kind"] == "fpr" and summary["threshold"]["value"] == 0.2
+    assert summary["null_model"] == str(null_path) and len(summary["null"]["max_z_per_slice"]) == 3
+    assert all(0 < p <= 1 for p in summary["null"]["min_p_per_slice"])
+    top = summary["top_blocks"][0]
+    assert np.isfinite(top["null_z"]) and 0 < top["null_p"] <= 1
+    z = _nifti_zhw(out / "klip_z.nii.gz")
+    assert z.shape == (3, 40, 48) and np.isfinite(z).all()
+    assert top["null_z"] == pytest.approx(max(summary["null"]["max_z_per_slice"]), abs=1e-4)  # ranked by z
+    if top["null_z"] > 0:
+        assert top["null_z"] == pytest.approx(float(z.max()), rel=1e-5)
+
+    capsys.readouterr()
+    assert main([*run, "--physics", "ct-sparse:views=30,noise=0.5", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "physics: fitted 'ct-sparse:views=20,noise=0.5', now 'ct-sparse:views=30,noise=0.5'" in err
+    assert main([*run[:-4], "--threshold", "fpr:0.2", "--null", "none", *flags,
+                 "--physics", "ct-sparse:views=20,noise=0.5", "--out", str(tmp_path / "o3")]) == 2
+    assert "--threshold: expected a null model" in capsys.readouterr().err

@@ -395,6 +395,34 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     again = _run(manifest, root, out, prior)
     assert again["counts"]["computed_now"] == 0
     assert _without_costs(again["methods"]) == _without_costs(results["methods"])
+
+    # null-calibrated rows from the cache: leave-one-patient-out, then a model file fitted on the run
+    lopo = _run(manifest, root, out, prior, null="lopo", null_windows=["t:0.3,0.6"])
+    assert "klip_z[t:0.3,0.6]" in lopo["methods"] and lopo["counts"]["computed_now"] == 0
+    assert _without_costs(lopo["methods"])["klip[full]"] == _without_costs(results["methods"])["klip[full]"]
+    from klip_med.calibrate import null_conditions, null_from_eval_run
+    from klip_med.eval.runner import _prior_id
+
+    settings = replace(_settings(), windows=_windows(DEFAULT_WINDOWS, prior, 3))
+    window = settings.windows[DEFAULT_WINDOWS.index("t:0.3,0.6")]
+    conditions = null_conditions(prior, "mri:accel=2,center=0.25,noise=0.01", settings, [window],
+                                 _prior_id(prior)["weights_sha256"])
+    conditions["block_size"] = 4
+    model = null_from_eval_run(out, ["t:0.3,0.6"], 4, conditions)
+    assert model.n_images == 4 and model.conditions["windows"][0]["name"] == "t:0.3,0.6"
+    two = _run(manifest, root, out, prior, null="lopo", null_windows=["t:0.3,0.6", "t:0.6,1"])
+    assert "klip_z[2 windows t:0.3,0.6..t:0.6,1]" in two["methods"]
+    model.save(tmp_path / "null.json")
+    with_file = _run(manifest, root, out, prior, null=tmp_path / "null.json", block_sizes=[4])
+    assert "klip_z[t:0.3,0.6]" in with_file["methods"]
+    cal = with_file["null_calibration"]  # fitted on these very ID images: observed rate near nominal
+    assert cal["n_images"] == 4 and set(cal["rates"]) == {"0.01", "0.05"}
+    assert 0 <= cal["rates"]["0.05"]["observed"] <= 0.2
+    assert "false-positive rate per block" in (out / "results.md").read_text()
+    model.conditions["physics"] = "mri:accel=8"
+    model.save(tmp_path / "other.json")
+    with pytest.raises(KLIPMedError, match="physics: fitted 'mri:accel=8'"):
+        _run(manifest, root, out, prior, null=tmp_path / "other.json", block_sizes=[4])
     monkeypatch.undo()
 
     # determinism: the first slice computed afresh equals its cached maps bit for bit

@@ -35,3 +35,31 @@ def test_example_runs(script, tmp_path):
     assert "done in" in proc.stdout
     for name in outputs:
         assert (out / name).is_file(), f"{script}: {name} missing\n{proc.stdout[-2000:]}"
+
+
+@pytest.mark.slow
+def test_research_scripts_run_on_a_cached_benchmark(tmp_path):
+    """examples/research_klip_variants.py and figure_default_maps.py read a `klip-med eval` cache."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_eval import FAST_BASELINES, _tiny_manifest, tiny_prior
+
+    from klip_med.eval.runner import run_benchmark
+    from klip_med.pipeline import CALIBRATED_WINDOWS, KLIPSettings
+
+    manifest, root = _tiny_manifest(tmp_path, size=32, patients=3)
+    run = tmp_path / "run"
+    windows = ("full", "t:0,0.1", *CALIBRATED_WINDOWS, "t:0.3,1", "t:0.6,1")
+    run_benchmark(manifest, root, tiny_prior(32), "mri:accel=2,center=0.25,noise=0.01", "dev",
+                  KLIPSettings(samples=2, steps=10, block_size=4, top_k=2), None, 4, run, windows=windows,
+                  baselines=FAST_BASELINES, n_boot=20, min_body_fraction=0.2, log=None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    research = subprocess.run([sys.executable, str(EXAMPLES / "research_klip_variants.py"), str(run),
+                               "--block-size", "4", "--n-boot", "20"], capture_output=True, text=True, timeout=600,
+                              env=env)
+    assert research.returncode == 0, research.stderr[-3000:]
+    assert "stouffer t>=0.1 (9 windows)" in research.stdout and "ID-only" in research.stdout
+    figure = subprocess.run([sys.executable, str(EXAMPLES / "figure_default_maps.py"), str(run),
+                             str(tmp_path / "fig.png"), "--block-size", "4", "--n", "2"], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert figure.returncode == 0, figure.stderr[-3000:]
+    assert (tmp_path / "fig.png").is_file()

@@ -45,6 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.max_slices, args.out, windows=args.windows, baselines=baselines, lesions=args.lesions,
         device=args.device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
         pixel_spacing_mm=args.pixel_spacing_mm, command="klip-med " + shlex.join(sys.argv[1:]),
+        null=args.null, null_windows=args.null_windows, null_conditioning=args.null_conditioning,
     )
     from klip_med.eval.report import markdown_table
 
@@ -101,6 +102,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="ID training slices the cfs feature density is fitted on (default 64)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--metrics-only", action="store_true", help="no sampling: summarise the cached slices")
+    p.add_argument("--null", help="add the null-calibrated row klip_z[...]: a null model file from `klip-med "
+                   "calibrate` (e.g. fitted on the dev split, for test numbers) or 'lopo' (each patient scored "
+                   "against the lesion-free slices of the other patients of this run)")
+    p.add_argument("--null-windows", nargs="+", help="windows the klip_z row combines (default: the model's; "
+                   "for lopo t:0.1,0.2 ... t:0.9,1 when all are among --windows, else the first)")
+    p.add_argument("--null-conditioning", choices=("auto", "position", "edge", "intensity", "none"), default="auto",
+                   help="with --null lopo (default auto: chosen in each fold from the other patients' lesion-free "
+                        "slices by held-out likelihood)")
     p.add_argument("--out", required=True, help="results folder (resumable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -67,6 +67,12 @@ def markdown_report(results: Mapping) -> str:
     ]
     if b.get("command"):
         text.append(f"- command: `{b['command']}`")
+    cal = results.get("null_calibration")
+    if cal and cal.get("n_images"):
+        rates = ", ".join(f"nominal {a}: observed {r['observed']:.4f} (z >= {r['z_threshold']:.2f})"
+                          for a, r in cal["rates"].items())
+        text.append(f"- null model `{cal['null']}` on this run's {cal['n_images']} lesion-free images "
+                    f"({cal['n_blocks']} in-body blocks), false-positive rate per block: {rates}")
     text += ["", markdown_table(results), ""]
     return "\n".join(text)
 

@@ -33,6 +33,8 @@ from klip_med.data.manifest import Manifest, read_manifest
 from klip_med.errors import KLIPMedError
 from klip_med.eval.baselines import BaselineSettings, compute_baselines
 from klip_med.eval.cache import CachedSlice, cached_fingerprint, fingerprint, read_slice, slice_path, write_slice
+from klip_med.eval.nulls import add_null_maps, observed_false_positive_rates
+from klip_med.score.null import NullModel
 from klip_med.eval.report import roc_figure, write_results
 from klip_med.eval.selection import EvalSlice, select_slices, slice_seed
 from klip_med.eval.summary import REFERENCES, summarise
@@ -131,7 +133,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
                   device: str | torch.device = "cpu", block_sizes: Sequence[int] | None = None,
                   n_boot: int = 1000, min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
                   pixel_spacing_mm: float | None = None, metrics_only: bool = False, command: str | None = None,
-                  log: Callable[[str], None] | None = print) -> dict:
+                  log: Callable[[str], None] | None = print, null: str | Path | None = None,
+                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto") -> dict:
     """Run (or resume) a benchmark and write its results.
 
     Args:
@@ -154,6 +157,12 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         metrics_only: compute nothing new; summarise the cached slices of this selection.
         command: the command line, recorded in the outputs.
         log: progress lines (None: silent).
+        null: adds the null-calibrated row ``klip_z[...]`` (:mod:`klip_med.eval.nulls`): a null
+            model file from ``klip-med calibrate`` or ``"lopo"`` (leave one patient out over this
+            run's lesion-free slices); None: no such row.
+        null_windows: the windows it combines (default: the model file's; for ``lopo``
+            :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
+        null_conditioning: for ``"lopo"`` (``auto``, ``position``, ``edge``, ``intensity`` or ``none``).
 
     Returns:
         the results dict of the first block size (as written to ``results.json``).
@@ -210,10 +219,21 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     if not entries:
         raise KLIPMedError(f"{folder}: expected cached slices for --metrics-only, found none")
     sizes = list(block_sizes or [settings.block_size])
+    null_rows = _null_rows(null, null_windows, null_conditioning, windows, prior, prior_id, physics_spec, settings,
+                           sizes)
     first = None
     for k, size in enumerate(sizes):
-        results, curves = _results(entries, manifest, split, prior_id, physics_spec, settings, baselines, mode,
+        scored, calibration = entries, None
+        if null_rows is not None and null_rows["block_size"] == size:
+            scored = add_null_maps(entries, null_rows["model"], null_rows["windows"], size, null_conditioning,
+                                   null_rows["conditions"])
+            if isinstance(null_rows["model"], NullModel):
+                calibration = observed_false_positive_rates(entries, null_rows["model"], null_rows["windows"], size)
+                calibration["null"] = str(null)
+        results, curves = _results(scored, manifest, split, prior_id, physics_spec, settings, baselines, mode,
                                    device, size, n_boot, computed, skipped, command)
+        if calibration is not None:
+            results["null_calibration"] = calibration
         stem = "results" if k == 0 else f"results_b{size}"
         write_results(results, out, stem)
         title = f"{manifest.name} {split}, {physics_spec}\n{len(entries)} images, {size}x{size} blocks"
@@ -223,6 +243,29 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         say(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}")
         first = first or results
     return first
+
+
+def _null_rows(null, null_windows, conditioning, windows, prior, prior_id, physics_spec, settings, sizes):
+    """What :func:`add_null_maps` needs for ``run_benchmark``'s ``null`` argument (None: no row)."""
+    if null is None:
+        return None
+    from klip_med.calibrate import null_conditions
+    from klip_med.pipeline import CALIBRATED_WINDOWS
+    from klip_med.score.null import NullModel
+
+    if str(null) == "lopo":
+        chosen = list(null_windows or (CALIBRATED_WINDOWS if set(CALIBRATED_WINDOWS) <= set(windows) else windows[:1]))
+        return {"model": "lopo", "windows": chosen, "block_size": sizes[0], "conditions": None}
+    model = NullModel.load(null)
+    chosen = list(null_windows or [w["name"] for w in model.conditions.get("windows", [])])
+    missing = [w for w in chosen if w not in windows]
+    if missing:
+        raise KLIPMedError(f"--null {null}: expected its windows {chosen} among --windows {list(windows)}, "
+                           f"missing {missing}")
+    wins = [next(w for w in settings.windows if w.label == label) for label in chosen]
+    conditions = null_conditions(prior, physics_spec, settings, wins, prior_id["weights_sha256"])
+    return {"model": model, "windows": chosen, "block_size": int(model.conditions["block_size"]),
+            "conditions": conditions}
 
 
 def _fit_cfs(manifest, prior, baselines: BaselineSettings, seed: int, device: torch.device,

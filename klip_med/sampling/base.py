@@ -260,7 +260,8 @@ class PosteriorSampler:
             event = StepEvent(
                 index=plan.index,
                 sigma=plan.sigma,
-                noise_std=torch.tensor(self.noise_std(plan), dtype=torch.float32, device=device),
+                # a fill kernel, not torch.tensor(...): a host-to-device copy would sync every step
+                noise_std=torch.full((), self.noise_std(plan), dtype=torch.float32, device=device),
                 delta=x_post - x_prior.detach(),
                 x=x_post,
                 x0_hat=x0_hat.detach(),

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from klip_med.errors import KLIPMedError
 from klip_med.sampling.base import PosteriorSampler, StepPlan
+from klip_med.sampling.cg import proximal_cg
 from klip_med.sampling.prior import EpsilonPrior
 
 
@@ -77,17 +78,13 @@ class DDSSampler(PosteriorSampler):
     def _step(self, x: Tensor, plan: StepPlan, z: Tensor, y: Tensor, physics):
         x_prior, x0, eps = self.prior_transition(x, plan, z)
         with torch.no_grad():
-            x0_dc = least_squares(
-                physics.A,
-                physics.A_adjoint,
-                y,
-                z=x0,
-                init=x0,
-                gamma=self.gamma,
-                solver="CG",
-                max_iter=self.cg_iters,
-                tol=0.0,
-            )
+            if self.gamma is None:  # DDS's unregularised CG: deepinv's solver (syncs once per iteration)
+                x0_dc = least_squares(
+                    physics.A, physics.A_adjoint, y, z=x0, init=x0, gamma=None, solver="CG",
+                    max_iter=self.cg_iters, tol=0.0,
+                )
+            else:  # the same iterations without host synchronisation
+                x0_dc = proximal_cg(physics.A, physics.A_adjoint, y, x0, self.gamma, self.cg_iters)
         if self.clip_x0 is not None:
             x0_dc = x0_dc.clamp(*self.clip_x0)
         return x_prior, self._ddim(x0_dc, eps, plan, z), x0

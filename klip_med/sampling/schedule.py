@@ -35,6 +35,13 @@ class VPSchedule:
         prev = torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]])
         self.betas = 1.0 - a / prev
         self.sigmas = ((1.0 - a) / a).sqrt()
+        self._log_sigmas: dict[torch.device, Tensor] = {}
+
+    def _log_sigmas_on(self, device: torch.device) -> Tensor:
+        """``log sigma_t`` on ``device``, copied there once (a per-call host-to-device copy would sync)."""
+        if device not in self._log_sigmas:
+            self._log_sigmas[device] = self.sigmas.log().to(device)
+        return self._log_sigmas[device]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -70,7 +77,7 @@ class VPSchedule:
         Args:
             sigma: any shape, > 0.
         """
-        log_s = self.sigmas.log().to(sigma.device)
+        log_s = self._log_sigmas_on(sigma.device)
         flat = sigma.detach().to(torch.float64).clamp_min(1e-12).log().reshape(-1)
         idx = torch.searchsorted(log_s, flat).clamp(1, log_s.numel() - 1)
         lo, hi = log_s[idx - 1], log_s[idx]
@@ -79,7 +86,7 @@ class VPSchedule:
 
     def alpha_bar_at(self, t: Tensor) -> Tensor:
         """``alpha_bar`` at fractional timesteps ``t`` (log-sigma interpolation), float64."""
-        log_s = self.sigmas.log().to(t.device)
+        log_s = self._log_sigmas_on(t.device)
         t = t.detach().to(torch.float64).clamp(0, log_s.numel() - 1)
         lo = t.floor().long().clamp(max=log_s.numel() - 2)
         w = t - lo
