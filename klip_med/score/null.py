@@ -185,6 +185,23 @@ def _expected(mean, std, edges, conditioning, covariate):
     return mean[:, b], std[:, b]
 
 
+def _heldout_z(values, covariates, present, groups, family, n_bins, shrinkage) -> np.ndarray:
+    """Per-window z-scores (W, N, gh, gw; NaN outside the body) of each group's ID blocks under the
+    family fitted on the other groups: the reference p-values are counted against, so that it holds
+    the spread *between* groups (patients) that a new patient brings."""
+    z = np.full(values.shape, np.nan)
+    for g in np.unique(groups):
+        test, train = groups == g, groups != g
+        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train) if t],
+                                          present[train], family, n_bins, shrinkage, reference=False)
+        cov = _stack_covariate([c for c, t in zip(covariates, test) if t], family, present[test].shape)
+        for k, idx in enumerate(np.flatnonzero(test)):
+            mu, sd = _expected(mean, std, edges, family, None if cov is None else cov[k])
+            m = present[idx]
+            z[:, idx][:, m] = ((values[:, idx] - mu) / sd)[:, m]
+    return z
+
+
 def _heldout_loglik(values, covariates, present, groups, family, n_bins, shrinkage) -> float:
     """Mean Gaussian log-likelihood (nats per block and window) of each group's ID blocks under the
     family fitted on the other groups."""
@@ -226,7 +243,7 @@ class NullModel:
         edges: (n_bins - 1,) bin edges of the covariate (empty unless ``edge`` / ``intensity``).
         scale: spread of the summed window z-scores over ID blocks.
         reference_z: (n_ref,) sorted combined z-scores of the ID blocks, each computed with its own
-            image left out for ``position`` (what p-values are counted against).
+            group (patient) left out (what p-values are counted against).
         n_images: ID images the blocks came from.
         source: where the ID images came from (manifest split, prior samples, ...).
         extra: fit details; ``selection`` holds the held-out log-likelihood of each family when
@@ -266,8 +283,10 @@ class NullModel:
             conditioning: ``auto`` (the family among :data:`AUTO_FAMILIES` with the highest held-out
                 log-likelihood of the ID blocks, leaving one group out at a time; uses no OOD data),
                 ``position``, ``edge``, ``intensity`` or ``none``.
-            groups: group of each image for ``auto`` (e.g. the patient; default, or when all images
-                share one group: each image alone).
+            groups: group of each image (e.g. the patient; default, or when all images share one
+                group: each image alone). ``auto`` leaves one group out to choose the family, and
+                the reference z-scores are each computed with their group left out, so that
+                p-values include the spread between groups that a new patient brings.
             n_bins: covariate bins (default 8 for ``edge``, 10 for ``intensity``).
             shrinkage: pseudo-observations of the global statistics per position (``position``).
         """
@@ -286,23 +305,25 @@ class NullModel:
         expect(int(present.sum()) >= MIN_BLOCKS, "null calibration", f"at least {MIN_BLOCKS} in-body blocks",
                int(present.sum()))
         extra: dict[str, Any] = {}
+        labels = np.array([str(g) for g in groups] if groups is not None else [str(k) for k in range(n)])
+        expect(labels.size == n, "groups", f"one group per image ({n})", labels.size)
+        if np.unique(labels).size < 2:  # one patient: leave one image out instead
+            labels = np.array([str(k) for k in range(n)])
         if conditioning == "auto":
-            labels = np.array([str(g) for g in groups] if groups is not None else [str(k) for k in range(n)])
-            expect(labels.size == n, "groups", f"one group per image ({n})", labels.size)
-            if np.unique(labels).size < 2:  # one patient: leave one image out instead
-                labels = np.array([str(k) for k in range(n)])
             scores = {f: _heldout_loglik(values, covariates, present, labels, f, n_bins, shrinkage)
                       for f in AUTO_FAMILIES}
             conditioning = max(scores, key=scores.get)
             extra["selection"] = {"heldout_loglik_nats_per_block_window": {k: round(v, 4) for k, v in scores.items()},
                                   "groups": int(np.unique(labels).size), "chosen": conditioning}
-        mean, std, edges, z_refs = _fit_family(values, covariates, present, conditioning, n_bins, shrinkage)
-        summed = np.sum(z_refs, axis=0)[present]
+        mean, std, edges, _ = _fit_family(values, covariates, present, conditioning, n_bins, shrinkage,
+                                          reference=False)
+        summed = _heldout_z(values, covariates, present, labels, conditioning, n_bins, shrinkage).sum(axis=0)[present]
         scale = float(max(summed.std(), 1e-6))
         y = values[:, present]
         extra.update({"n_blocks": int(present.sum()), "log_density_mean": y.mean(axis=1).tolist(),
                       "log_density_std": y.std(axis=1).tolist(),
-                      "shrinkage": shrinkage if conditioning == "position" else None})
+                      "shrinkage": shrinkage if conditioning == "position" else None,
+                      "reference": f"each block scored with its group left out ({np.unique(labels).size} groups)"})
         return cls(dict(conditions), conditioning, mean, std, edges, scale, np.sort(summed / scale), n, source, extra)
 
     # ------------------------------------------------------------------ apply
