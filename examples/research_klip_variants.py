@@ -31,7 +31,7 @@ from scipy import ndimage
 from klip_med.eval.cache import read_slice
 from klip_med.eval.metrics import lesion_blocks, localisation, patient_bootstrap
 from klip_med.eval.summary import _inside, block_maps
-from klip_med.eval.nulls import _blocks as null_blocks
+from klip_med.eval.nulls import cached_blocks as null_blocks
 from klip_med.pipeline import CALIBRATED_WINDOWS
 from klip_med.score.null import NullModel
 
@@ -76,7 +76,7 @@ def binned_z(train_x, train_y, x, y, edges_per_dim):
     sd = {b: max(train_y[tb == b].std(), 1e-3) for b in np.unique(tb)}
     gmu, gsd = train_y.mean(), train_y.std()
     xb = bin_index(x, edges)
-    return np.array([(v - mu.get(b, gmu)) / sd.get(b, gsd) for v, b in zip(y, xb)])
+    return np.array([(v - mu.get(b, gmu)) / sd.get(b, gsd) for v, b in zip(y, xb, strict=True)])
 
 
 def binned_moments(train_x, train_y, x, edges_per_dim):
@@ -246,7 +246,7 @@ def main() -> None:
             hits = {0.01: [], 0.05: []}
             for p in sorted({e.patient for e in idd}):
                 train = [e for e in idd if e.patient != p]
-                d, c, m = zip(*(blk[e.key] for e in train))
+                d, c, m = zip(*(blk[e.key] for e in train), strict=True)
                 null = NullModel.fit(d, c, m, {}, "lopo", conditioning="position",
                                      groups=None if mode == "image" else [e.patient for e in train])
                 for e in (e for e in idd if e.patient == p):
@@ -260,7 +260,7 @@ def main() -> None:
     # where in time the excess lives
     if fine:
         print("\nper-window mean block density (nats/pixel), OOD images: lesion blocks vs other in-body blocks")
-        for lo, hi, n in fine:
+        for _lo, _hi, n in fine:
             les, oth = [], []
             for e in ood:
                 m = block_maps(e, n, b)

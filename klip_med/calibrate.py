@@ -159,22 +159,14 @@ def null_from_eval_run(run_dir: str | Path, windows: Sequence[str], block_size: 
         conditions: :func:`null_conditions` of the run's prior, operator, settings and these windows.
     """
     from klip_med.eval.cache import read_slice
-    from klip_med.score.blocks import blocks_inside_mask, pool_blocks
+    from klip_med.eval.nulls import cached_blocks
 
     files = sorted((Path(run_dir) / "slices").glob("*.npz"))
     entries = [e for e in (read_slice(f) for f in files) if e.label == 0]
     if not entries:
         raise KLIPMedError(f"{run_dir}: expected cached lesion-free (ID) slices, found none")
-    names = [f"klip[{w}]" for w in ([windows] if isinstance(windows, str) else windows)]
-    missing = [(e.key, n) for e in entries for n in names if n not in e.maps]
-    expect(not missing, f"{run_dir}: maps {names}", "present in every cached slice", f"missing {missing[:3]}")
-    densities = [pool_blocks(torch.from_numpy(np.stack([e.maps[n] for n in names]).astype(np.float32)),
-                             block_size).densities.numpy() for e in entries]
-    covariates = [block_covariates(e.images[2].astype(np.float32), e.body_mask, block_size) for e in entries]
-    insides = []
-    for e in entries:
-        inside = blocks_inside_mask(torch.from_numpy(e.body_mask.astype(bool)), block_size).numpy()
-        insides.append(inside if inside.any() else np.ones_like(inside))
+    labels = [windows] if isinstance(windows, str) else list(windows)
+    densities, covariates, insides = zip(*(cached_blocks(e, labels, block_size) for e in entries), strict=True)
     source = f"{len(entries)} lesion-free slices of the eval run {Path(run_dir).name} ({entries[0].key}, ...)"
     return NullModel.fit(densities, covariates, insides, conditions, source, conditioning,
                          [e.patient for e in entries])

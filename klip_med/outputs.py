@@ -55,6 +55,7 @@ import numpy as np
 from klip_med.atomic import atomic_path
 from klip_med.errors import expect
 from klip_med.io import Volume, to_source_grid
+from klip_med.score.blocks import block_to_pixels
 
 VERSIONED_PACKAGES = ("klip-med", "torch", "deepinv", "monai", "pydicom", "highdicom", "nibabel", "numpy")
 
@@ -163,12 +164,6 @@ def resolve_threshold(spec: str | float, densities: np.ndarray, inside: np.ndarr
         return value
     values = densities[inside] if bool(inside.any()) else densities.ravel()
     return float(np.percentile(values, value))
-
-
-def block_to_pixels(blocks: np.ndarray, block_size: int, shape: tuple[int, int]) -> np.ndarray:
-    """``(Z, gh, gw)`` block values repeated onto the ``(Z, h, w)`` working grid."""
-    full = np.repeat(np.repeat(blocks, block_size, axis=1), block_size, axis=2)
-    return np.ascontiguousarray(full[:, : shape[0], : shape[1]])
 
 
 def ood_mask(result: VolumeResult, flagged: np.ndarray) -> np.ndarray:
@@ -406,7 +401,9 @@ def write_output_set(
         klip=klip_src[0][best], truth_mask=None if truth_mask is None else truth_mask[best],
         ood_mask=mask_src[best], spacing=source.spacing[1:], modality=summary.get("input", {}).get("modality"),
         rule=rule, baseline_name=baseline_name, zmap=None if z_src is None else z_src[best],
-        title=f"{title} slice {best}: score {scores[best]:.3g} nats/pixel" if title else "",
+        title=(f"{title} slice {best}: score {scores[best]:.3g} nats/pixel"
+               + (f", max null z {float(np.where(result.inside, result.zscores, -np.inf)[best].max()):.2f}"
+                  if z_src is not None else "")) if title else "",
     ).name
     if source.is_dicom:
         files.update(write_dicom_outputs(out / "dicom", source, recon_src, klip_src[0], mask_src))
@@ -471,7 +468,8 @@ def one_line(summary: dict[str, Any]) -> str:
     parts = []
     for b in summary["top_blocks"]:
         where = f"z{b['slice']} " if volume else ""
-        parts.append(f"{where}(r{b['row']},c{b['col']}) {b['nats_per_pixel']:.3g}")
+        z = f" (null z {b['null_z']:.2f}, p {b['null_p']:.2g})" if "null_z" in b else ""
+        parts.append(f"{where}(r{b['row']},c{b['col']}) {b['nats_per_pixel']:.3g}{z}")
     size = summary["top_blocks"][0]["size"] if summary["top_blocks"] else "?"
     seconds = summary.get("timings", {}).get("total_s")
     tail = f"; {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""

@@ -57,7 +57,7 @@ def test_binned_nulls_remove_their_covariate_and_none_keeps_the_ranking():
         densities = [np.exp(-6 + 2 * c[key] / np.abs(c[key]).max() + 0.3 * rng.standard_normal(GRID)) for c in covs]
         insides = [np.ones(GRID, bool)] * 300
         null = NullModel.fit(densities, covs, insides, {}, "synthetic", conditioning=family, n_bins=10)
-        z = np.concatenate([null.z_scores(d, c).ravel() for d, c in zip(densities, covs)])
+        z = np.concatenate([null.z_scores(d, c).ravel() for d, c in zip(densities, covs, strict=True)])
         x = np.concatenate([c[key].ravel() for c in covs])
         assert abs(np.corrcoef(z, x)[0, 1]) < 0.1, family  # raw log density vs covariate: correlation ~0.99
         with pytest.raises(KLIPMedError, match=key):

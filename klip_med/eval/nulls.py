@@ -23,7 +23,7 @@ import torch
 
 from klip_med.errors import KLIPMedError, expect
 from klip_med.eval.cache import CachedSlice
-from klip_med.score.blocks import blocks_inside_mask, pool_blocks
+from klip_med.score.blocks import block_to_pixels, blocks_inside_mask, pool_blocks
 from klip_med.score.null import NullModel, block_covariates
 
 
@@ -34,7 +34,11 @@ def method_name(windows: Sequence[str]) -> str:
     return f"klip_z[{windows[0]}]" if len(windows) == 1 else f"klip_z[{len(windows)} windows {windows[0]}..{windows[-1]}]"
 
 
-def _blocks(entry: CachedSlice, windows: Sequence[str], block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """``(densities (W, gh, gw), covariates, inside (gh, gw))`` of a cached slice: block densities of
+    its maps ``klip[<window>]``, :func:`~klip_med.score.null.block_covariates` of its posterior
+    mean, and its in-body blocks (all blocks when none is inside)."""
     names = [f"klip[{w}]" for w in windows]
     missing = [n for n in names if n not in entry.maps]
     if missing:
@@ -45,11 +49,6 @@ def _blocks(entry: CachedSlice, windows: Sequence[str], block_size: int) -> tupl
     inside = blocks_inside_mask(torch.from_numpy(entry.body_mask.astype(bool)), block_size).numpy()
     return densities, block_covariates(entry.images[2].astype(np.float32), entry.body_mask, block_size), (
         inside if inside.any() else np.ones_like(inside))
-
-
-def _to_pixels(z: np.ndarray, block_size: int, shape: tuple[int, int]) -> np.ndarray:
-    full = np.repeat(np.repeat(z, block_size, axis=0), block_size, axis=1)
-    return np.ascontiguousarray(full[: shape[0], : shape[1]], dtype=np.float32)
 
 
 def add_null_maps(entries: Sequence[CachedSlice], null: NullModel | str, windows: Sequence[str], block_size: int,
@@ -63,7 +62,7 @@ def add_null_maps(entries: Sequence[CachedSlice], null: NullModel | str, windows
         conditioning: for ``"lopo"`` (see :class:`NullModel`; ``auto`` chooses within each fold from
             the other patients' lesion-free slices only).
     """
-    blocks = {e.key: _blocks(e, windows, block_size) for e in entries}
+    blocks = {e.key: cached_blocks(e, windows, block_size) for e in entries}
     name = method_name(windows)
     if isinstance(null, NullModel):
         expect(int(null.conditions.get("block_size", block_size)) == block_size, "null model block size",
@@ -90,7 +89,8 @@ def add_null_maps(entries: Sequence[CachedSlice], null: NullModel | str, windows
     for e in entries:
         densities, covariates, _ = blocks[e.key]
         z = models[e.key].z_scores(densities, covariates)
-        out.append(replace(e, maps={**e.maps, name: _to_pixels(z, block_size, e.lesion.shape)}))
+        pixels = block_to_pixels(z, block_size, e.lesion.shape).astype(np.float32)
+        out.append(replace(e, maps={**e.maps, name: pixels}))
     return out
 
 
@@ -107,7 +107,7 @@ def observed_false_positive_rates(entries: Sequence[CachedSlice], null: NullMode
         return {"n_images": 0}
     z, n_blocks = [], 0
     for e in ids:
-        densities, covariates, inside = _blocks(e, windows, block_size)
+        densities, covariates, inside = cached_blocks(e, windows, block_size)
         z.append(null.z_scores(densities, covariates)[inside])
         n_blocks += int(inside.sum())
     z = np.concatenate(z)

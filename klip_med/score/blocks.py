@@ -110,6 +110,14 @@ def pool_blocks(pixel_map: Tensor, block_size: int | Sequence[int], ndim: int = 
     )
 
 
+def block_to_pixels(blocks: np.ndarray, block_size: int, shape: Sequence[int]) -> np.ndarray:
+    """Block values ``(..., gh, gw)`` repeated onto their pixels ``(..., H, W)`` (``shape`` = (H, W);
+    partial edge blocks cut at the image edge), the inverse layout of :func:`pool_blocks`."""
+    a = np.asarray(blocks)
+    full = np.repeat(np.repeat(a, block_size, axis=-2), block_size, axis=-1)
+    return np.ascontiguousarray(full[..., : int(shape[0]), : int(shape[1])])
+
+
 def body_mask_from_image(image: Tensor) -> Tensor:
     """Foreground (body) mask of a reconstruction: Otsu threshold, largest component, holes filled.
 

@@ -47,17 +47,15 @@ MIN_BLOCKS = 8
 
 
 def block_intensity(image: np.ndarray, block_size: int) -> np.ndarray:
-    """Block means of an image, (gh, gw), blocks tiled from the top-left (partial edge blocks kept)."""
+    """Block means of an image, (gh, gw), blocks tiled from the top-left (partial edge blocks kept):
+    :func:`klip_med.score.blocks.pool_blocks` densities."""
+    import torch
+
+    from klip_med.score.blocks import pool_blocks
+
     a = np.asarray(image, dtype=np.float64)
     expect(a.ndim == 2, "image", "an (H, W) array", f"shape {a.shape}")
-    h, w = a.shape
-    gh, gw = -(-h // block_size), -(-w // block_size)
-    padded = np.zeros((gh * block_size, gw * block_size))
-    counts = np.zeros_like(padded)
-    padded[:h, :w] = a
-    counts[:h, :w] = 1.0
-    sums = padded.reshape(gh, block_size, gw, block_size).sum(axis=(1, 3))
-    return sums / counts.reshape(gh, block_size, gw, block_size).sum(axis=(1, 3))
+    return pool_blocks(torch.from_numpy(a), block_size).densities.numpy()
 
 
 def log_density(densities: np.ndarray) -> np.ndarray:
@@ -192,9 +190,9 @@ def _heldout_z(values, covariates, present, groups, family, n_bins, shrinkage) -
     z = np.full(values.shape, np.nan)
     for g in np.unique(groups):
         test, train = groups == g, groups != g
-        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train) if t],
+        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train, strict=True) if t],
                                           present[train], family, n_bins, shrinkage, reference=False)
-        cov = _stack_covariate([c for c, t in zip(covariates, test) if t], family, present[test].shape)
+        cov = _stack_covariate([c for c, t in zip(covariates, test, strict=True) if t], family, present[test].shape)
         for k, idx in enumerate(np.flatnonzero(test)):
             mu, sd = _expected(mean, std, edges, family, None if cov is None else cov[k])
             m = present[idx]
@@ -208,9 +206,9 @@ def _heldout_loglik(values, covariates, present, groups, family, n_bins, shrinka
     total, count = 0.0, 0
     for g in np.unique(groups):
         test, train = groups == g, groups != g
-        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train) if t],
+        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train, strict=True) if t],
                                           present[train], family, n_bins, shrinkage, reference=False)
-        cov = _stack_covariate([c for c, t in zip(covariates, test) if t], family, present[test].shape)
+        cov = _stack_covariate([c for c, t in zip(covariates, test, strict=True) if t], family, present[test].shape)
         for k in range(int(test.sum())):
             mu, sd = _expected(mean, std, edges, family, None if cov is None else cov[k])
             v = values[:, test][:, k]
