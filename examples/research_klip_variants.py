@@ -64,19 +64,8 @@ def block_covariates(entry, block_size, inside):
 
 def binned_z(train_x, train_y, x, y, edges_per_dim):
     """z-score of y within the bin of x (quantile bins of each column of train_x, product grid)."""
-    def bin_index(values, edges):
-        idx = np.zeros(values.shape[0], dtype=np.int64)
-        for k, e in enumerate(edges):
-            idx = idx * (len(e) + 1) + np.searchsorted(e, values[:, k])
-        return idx
-
-    edges = [np.quantile(train_x[:, k], np.linspace(0, 1, n + 1)[1:-1]) for k, n in enumerate(edges_per_dim)]
-    tb = bin_index(train_x, edges)
-    mu = {b: train_y[tb == b].mean() for b in np.unique(tb)}
-    sd = {b: max(train_y[tb == b].std(), 1e-3) for b in np.unique(tb)}
-    gmu, gsd = train_y.mean(), train_y.std()
-    xb = bin_index(x, edges)
-    return np.array([(v - mu.get(b, gmu)) / sd.get(b, gsd) for v, b in zip(y, xb, strict=True)])
+    mu, sd = binned_moments(train_x, train_y, x, edges_per_dim)
+    return (y - mu) / sd
 
 
 def binned_moments(train_x, train_y, x, edges_per_dim):

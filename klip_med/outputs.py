@@ -385,8 +385,9 @@ def write_output_set(
         path = write_nifti(klip_src[w], out / "klip_windows" / f"klip_{w}_{safe}.nii.gz", source)
         files["klip_nifti"].append(str(path.relative_to(out)))
 
-    z_src = None
+    z_src = z_slice_max = None
     if null is not None and result.zscores is not None:
+        z_slice_max = np.where(result.inside, result.zscores, -np.inf).max(axis=(1, 2))  # (Z,) in-body maxima
         z_in = np.where(result.inside, result.zscores, 0.0).astype(np.float32)  # blocks outside the body: 0
         z_src = to_source_grid(block_to_pixels(z_in, result.block_size, work), source, kind="label")
         files["klip_z_nifti"] = write_nifti(z_src, out / "klip_z.nii.gz", source).name
@@ -394,7 +395,7 @@ def write_output_set(
     scores = np.array([s["score"]["max"] for s in result.slices])
     best = int(np.argmax(scores))
     if z_src is not None:  # with a null model the report shows the slice with the highest z-score
-        best = int(np.argmax(np.where(result.inside, result.zscores, -np.inf).max(axis=(1, 2))))
+        best = int(np.argmax(z_slice_max))
     files["report"] = write_report(
         out / "report.png",
         truth=source.pixels[best], baseline=base_src[best], recon=recon_src[best], std=std_src[best],
@@ -402,7 +403,7 @@ def write_output_set(
         ood_mask=mask_src[best], spacing=source.spacing[1:], modality=summary.get("input", {}).get("modality"),
         rule=rule, baseline_name=baseline_name, zmap=None if z_src is None else z_src[best],
         title=(f"{title} slice {best}: score {scores[best]:.3g} nats/pixel"
-               + (f", max null z {float(np.where(result.inside, result.zscores, -np.inf)[best].max()):.2f}"
+               + (f", max null z {float(z_slice_max[best]):.2f}"
                   if z_src is not None else "")) if title else "",
     ).name
     if source.is_dicom:
@@ -426,12 +427,11 @@ def write_output_set(
     }
     summary["top_blocks"] = top
     summary["threshold"] = {**threshold_info, "source_pixels_flagged": int(mask_src.sum())}
-    if null is not None and result.zscores is not None:
-        zmax = np.where(result.inside, result.zscores, -np.inf).max(axis=(1, 2))
+    if z_slice_max is not None:
         summary["null"] = {
             "source": null.source, "n_images": null.n_images, "conditioning": null.conditioning,
-            "conditions": null.conditions, "max_z_per_slice": [round(float(v), 4) for v in zmax],
-            "min_p_per_slice": [float(v) for v in null.p_values(zmax)],
+            "conditions": null.conditions, "max_z_per_slice": [round(float(v), 4) for v in z_slice_max],
+            "min_p_per_slice": [float(v) for v in null.p_values(z_slice_max)],
             "meaning": "z: log block density standardised against in-distribution reconstructions "
                        f"({null.conditioning} conditioning); p: fraction of in-distribution blocks at least as extreme "
                        "(per block, not corrected for the number of blocks)",

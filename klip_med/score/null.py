@@ -115,24 +115,16 @@ def _shrunk(values: np.ndarray, present: np.ndarray, prior_mean: float, strength
 
 
 def _window_stats(values: np.ndarray, covariate: np.ndarray | None, present: np.ndarray, conditioning: str,
-                  edges: np.ndarray, shrinkage: float, reference: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One window's statistics and the ID blocks' z-scores (leave-one-image-out for ``position``).
+                  edges: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """One window's statistics: ``(mean, std)``, (gh, gw) for ``position``, (n_bins,) otherwise.
 
     values: (N, gh, gw) log densities; covariate: (N, gh, gw) binned covariate (binned families);
-    present: (N, gh, gw) bool. Returns ``(mean, std, z_ref (N, gh, gw) or None)`` (z_ref NaN outside
-    the body; skipped when ``reference`` is False)."""
+    present: (N, gh, gw) bool."""
     y = values[present]
     g_mean, g_var = float(y.mean()), float(max(y.var(), 1e-12))
-    z_ref = np.full(values.shape, np.nan) if reference else None
-    n = values.shape[0]
     if conditioning == "position":
-        mean, std, within = _shrunk(values, present, g_mean, shrinkage)
-        for k in range(n) if reference else ():  # leave image k out of the statistics its z-scores use
-            keep = np.arange(n) != k
-            m_k, s_k, _ = _shrunk(values[keep], present[keep], g_mean, shrinkage, within)
-            z_ref[k][present[k]] = ((values[k] - m_k) / s_k)[present[k]]
-        return mean, std, z_ref
+        mean, std, _ = _shrunk(values, present, g_mean, shrinkage)
+        return mean, std
     bins = np.searchsorted(edges, covariate, side="right") if covariate is not None else np.zeros(values.shape, int)
     mean = np.full(edges.size + 1, g_mean)
     std = np.full(edges.size + 1, np.sqrt(g_var))
@@ -140,9 +132,7 @@ def _window_stats(values: np.ndarray, covariate: np.ndarray | None, present: np.
         sel = values[present & (bins == b)]
         if sel.size >= MIN_BIN_BLOCKS:
             mean[b], std[b] = sel.mean(), max(sel.std(), 1e-6)
-    if reference:
-        z_ref[present] = ((values - mean[bins]) / std[bins])[present]
-    return mean, std, z_ref
+    return mean, std
 
 
 def _stack_covariate(covariates: Sequence[dict[str, np.ndarray]], conditioning: str, shape) -> np.ndarray | None:
@@ -157,20 +147,20 @@ def _stack_covariate(covariates: Sequence[dict[str, np.ndarray]], conditioning: 
     return out
 
 
-def _fit_family(values, covariates, present, conditioning, n_bins, shrinkage, reference=True):
-    """(mean, std, edges, z_refs or None) of one family; values (W, N, gh, gw)."""
+def _fit_family(values, covariates, present, conditioning, n_bins, shrinkage):
+    """(mean, std, edges) of one family; values (W, N, gh, gw)."""
     cov = _stack_covariate(covariates, conditioning, present.shape)
     edges = np.array([])
     if cov is not None:
         bins = n_bins or BINS[conditioning]
         if bins > 1:
             edges = np.unique(np.quantile(cov[present], np.linspace(0.0, 1.0, bins + 1)[1:-1]))
-    stats = [_window_stats(v, cov, present, conditioning, edges, shrinkage, reference) for v in values]
-    mean = np.stack([m for m, _, _ in stats])
-    std = np.stack([s for _, s, _ in stats])
+    stats = [_window_stats(v, cov, present, conditioning, edges, shrinkage) for v in values]
+    mean = np.stack([m for m, _ in stats])
+    std = np.stack([s for _, s in stats])
     if conditioning == "none":
         mean, std = mean[:, :1], std[:, :1]
-    return mean, std, edges, ([z for _, _, z in stats] if reference else None)
+    return mean, std, edges
 
 
 def _expected(mean, std, edges, conditioning, covariate):
@@ -183,40 +173,30 @@ def _expected(mean, std, edges, conditioning, covariate):
     return mean[:, b], std[:, b]
 
 
-def _heldout_z(values, covariates, present, groups, family, n_bins, shrinkage) -> np.ndarray:
-    """Per-window z-scores (W, N, gh, gw; NaN outside the body) of each group's ID blocks under the
-    family fitted on the other groups: the reference p-values are counted against, so that it holds
-    the spread *between* groups (patients) that a new patient brings."""
+def _heldout(values, covariates, present, groups, family, n_bins, shrinkage) -> tuple[np.ndarray, float]:
+    """Each group's ID blocks scored under the family fitted on the other groups.
+
+    Returns:
+        ``(z, loglik)``: per-window z-scores (W, N, gh, gw; NaN outside the body), the reference
+        p-values are counted against (so it holds the spread *between* groups, e.g. patients, that
+        a new patient brings); and the mean Gaussian log-likelihood of those blocks (nats per
+        block and window), by which ``auto`` chooses the family.
+    """
     z = np.full(values.shape, np.nan)
+    total = 0.0
     for g in np.unique(groups):
         test, train = groups == g, groups != g
-        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train, strict=True) if t],
-                                          present[train], family, n_bins, shrinkage, reference=False)
+        mean, std, edges = _fit_family(values[:, train], [c for c, t in zip(covariates, train, strict=True) if t],
+                                       present[train], family, n_bins, shrinkage)
         cov = _stack_covariate([c for c, t in zip(covariates, test, strict=True) if t], family, present[test].shape)
         for k, idx in enumerate(np.flatnonzero(test)):
             mu, sd = _expected(mean, std, edges, family, None if cov is None else cov[k])
             m = present[idx]
-            z[:, idx][:, m] = ((values[:, idx] - mu) / sd)[:, m]
-    return z
-
-
-def _heldout_loglik(values, covariates, present, groups, family, n_bins, shrinkage) -> float:
-    """Mean Gaussian log-likelihood (nats per block and window) of each group's ID blocks under the
-    family fitted on the other groups."""
-    total, count = 0.0, 0
-    for g in np.unique(groups):
-        test, train = groups == g, groups != g
-        mean, std, edges, _ = _fit_family(values[:, train], [c for c, t in zip(covariates, train, strict=True) if t],
-                                          present[train], family, n_bins, shrinkage, reference=False)
-        cov = _stack_covariate([c for c, t in zip(covariates, test, strict=True) if t], family, present[test].shape)
-        for k in range(int(test.sum())):
-            mu, sd = _expected(mean, std, edges, family, None if cov is None else cov[k])
-            v = values[:, test][:, k]
-            m = present[test][k]
-            ll = -0.5 * ((v - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)
-            total += float(ll[:, m].sum())
-            count += int(m.sum()) * values.shape[0]
-    return total / max(count, 1)
+            zk = ((values[:, idx] - mu) / sd)[:, m]
+            z[:, idx][:, m] = zk
+            log_sd = np.log(np.broadcast_to(sd, values[:, idx].shape))[:, m]
+            total += float((-0.5 * zk**2 - log_sd - 0.5 * np.log(2 * np.pi)).sum())
+    return z, total / max(int(present.sum()) * values.shape[0], 1)
 
 
 @dataclass(frozen=True)
@@ -307,15 +287,17 @@ class NullModel:
         expect(labels.size == n, "groups", f"one group per image ({n})", labels.size)
         if np.unique(labels).size < 2:  # one patient: leave one image out instead
             labels = np.array([str(k) for k in range(n)])
+        heldout = {}
         if conditioning == "auto":
-            scores = {f: _heldout_loglik(values, covariates, present, labels, f, n_bins, shrinkage)
-                      for f in AUTO_FAMILIES}
+            heldout = {f: _heldout(values, covariates, present, labels, f, n_bins, shrinkage) for f in AUTO_FAMILIES}
+            scores = {f: ll for f, (_, ll) in heldout.items()}
             conditioning = max(scores, key=scores.get)
             extra["selection"] = {"heldout_loglik_nats_per_block_window": {k: round(v, 4) for k, v in scores.items()},
                                   "groups": int(np.unique(labels).size), "chosen": conditioning}
-        mean, std, edges, _ = _fit_family(values, covariates, present, conditioning, n_bins, shrinkage,
-                                          reference=False)
-        summed = _heldout_z(values, covariates, present, labels, conditioning, n_bins, shrinkage).sum(axis=0)[present]
+        mean, std, edges = _fit_family(values, covariates, present, conditioning, n_bins, shrinkage)
+        z_ref, _ = heldout.get(conditioning) or _heldout(values, covariates, present, labels, conditioning, n_bins,
+                                                         shrinkage)
+        summed = z_ref.sum(axis=0)[present]
         scale = float(max(summed.std(), 1e-6))
         y = values[:, present]
         extra.update({"n_blocks": int(present.sum()), "log_density_mean": y.mean(axis=1).tolist(),
