@@ -45,9 +45,9 @@ def _window_dict(window: Window) -> dict[str, Any]:
 
 def weights_digest(prior) -> str:
     """SHA-256 of the prior's weights (a null model must not outlive a retrained prior)."""
-    from klip_med.eval.runner import _prior_id
+    from klip_med.priors.identity import prior_identity
 
-    return _prior_id(prior)["weights_sha256"]
+    return prior_identity(prior)["weights_sha256"]
 
 
 def null_conditions(prior, physics_spec: str, settings: KLIPSettings, windows: Sequence[Window] | None = None,
@@ -82,10 +82,17 @@ def result_blocks(result: SliceResult, block_size: int) -> tuple[np.ndarray, dic
     return densities, block_covariates(result.recon_mean.numpy(), result.body_mask.numpy(), block_size), inside
 
 
-def apply_null(null: NullModel, result: SliceResult) -> tuple[np.ndarray, np.ndarray]:
-    """Combined z-scores and p-values (each (gh, gw)) of one reconstruction's blocks under ``null``
-    (the result's windows must be the model's)."""
+def apply_null(null: NullModel, result: SliceResult,
+               windows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Combined z-scores and p-values (each (gh, gw)) of one reconstruction's blocks under ``null``.
+
+    Args:
+        windows: indices into the result's windows of the model's windows, in the model's order
+            (:func:`null_windows`); None: the result's windows are exactly the model's.
+    """
     densities, covariates, _ = result_blocks(result, int(null.conditions["block_size"]))
+    if windows is not None:
+        densities = densities[list(windows)]
     z = null.z_scores(densities, covariates)
     return z, null.p_values(z)
 

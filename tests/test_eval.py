@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from klip_med.data.lesions import insert_flair_lesion
+from klip_med.data.lesions import insert_flair_lesion, soft_tissue_mask_ct
 from klip_med.data.manifest import file_sha256, read_manifest
-from klip_med.data.phantom import mr_phantom
+from klip_med.data.phantom import ct_phantom, mr_phantom
 from klip_med.errors import KLIPMedError
 from klip_med.eval import baselines as bl
 from klip_med.eval import metrics as mt
@@ -340,6 +340,55 @@ def test_inserted_mode_makes_matched_pairs(tmp_path):
     assert lesioned.lesion.sum() >= 2 and not np.array_equal(healthy.image, lesioned.image)
 
 
+def _tiny_ct_manifest(tmp_path, size: int = 64) -> tuple:
+    """One CT 'patient' of 6 abdomen phantom slices in HU with their pixel spacing."""
+    root = tmp_path / "data"
+    (root / "ct").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    phantoms = [ct_phantom(size, rng) for _ in range(6)]
+    path = root / "ct" / "C0.npz"
+    np.savez(path, hu=np.stack([ph.image for ph in phantoms]).astype(np.float32),
+             pixel_spacing_mm=np.asarray(phantoms[0].pixel_spacing_mm, dtype=np.float32))
+    item = {"file": "ct/C0.npz", "sha256": file_sha256(path), "split": "dev", "slices": "all",
+            "labels": {"patient": "C0"}}
+    manifest = tmp_path / "ct.json"
+    manifest.write_text(json.dumps({"schema": "klip-med-manifest", "version": 1, "name": "tiny-ct", "modality": "CT",
+                                    "array_key": "hu", "items": [item]}))
+    return manifest, root, path
+
+
+def _tiny_ct_prior(size: int) -> DiffusionPrior:
+    config = PriorConfig(
+        name="tiny-ct", modality="CT", image_size=size, architecture=default_architecture((16, 16, 16, 16)),
+        schedule=default_schedule(100), intensity=IntensityRule("ct-hu-window", hu_min=-160.0, hu_max=240.0),
+        weights_dtype="float32",
+    )
+    return DiffusionPrior(config).eval().requires_grad_(False)
+
+
+def test_inserted_ct_lesions_soft_tissue_design_is_hypodense_and_inside_soft_tissue(tmp_path):
+    manifest_path, root, path = _tiny_ct_manifest(tmp_path)
+    manifest, prior = read_manifest(manifest_path, root), _tiny_ct_prior(64)
+    with np.load(path) as data:
+        hu, spacing = data["hu"], tuple(float(v) for v in data["pixel_spacing_mm"])
+    chosen = select_slices(manifest, "dev", prior, max_slices_per_patient=6, lesions="inserted")
+    ood = [s for s in chosen if s.label == 1]
+    assert len(ood) == 3 and [s.label for s in chosen] == [0, 1] * 3
+    for s in ood:
+        inserted = s.info["inserted"]
+        assert inserted["design"] == "soft-tissue" and inserted["kind"] == "ct_hypo"
+        assert -80.0 <= inserted["contrast"] <= -40.0 and inserted["diameter_mm"] <= 30.0
+        tissue = soft_tissue_mask_ct(hu[s.info["slice"]], spacing)
+        assert s.lesion.sum() >= 8 and not (s.lesion & ~tissue).any()
+    first = select_slices(manifest, "dev", prior, max_slices_per_patient=6, lesions="inserted", ct_lesions="body")
+    assert all(s.info["inserted"]["design"] == "body" and 10.0 <= abs(s.info["inserted"]["contrast"]) <= 60.0
+               for s in first if s.label == 1)
+    assert [s.key for s in first] == [s.key for s in chosen]  # same slices, other lesions
+    assert not all(np.array_equal(a.lesion, b.lesion) for a, b in zip(first, chosen, strict=True))
+    with pytest.raises(KLIPMedError, match="ct_lesions: expected one of"):
+        select_slices(manifest, "dev", prior, lesions="inserted", ct_lesions="liver")
+
+
 SIZE = 16
 FAST_BASELINES = bl.BaselineSettings(anoddpm_steps=2, eigen_levels=(0.3,), eigen_rank=2, eigen_iterations=2,
                                      cfs_train_slices=8)
@@ -401,12 +450,12 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     assert "klip_z[t:0.3,0.6]" in lopo["methods"] and lopo["counts"]["computed_now"] == 0
     assert _without_costs(lopo["methods"])["klip[full]"] == _without_costs(results["methods"])["klip[full]"]
     from klip_med.calibrate import null_conditions, null_from_eval_run
-    from klip_med.eval.runner import _prior_id
+    from klip_med.priors.identity import prior_identity
 
     settings = replace(_settings(), windows=_windows(DEFAULT_WINDOWS, prior, 3))
     window = settings.windows[DEFAULT_WINDOWS.index("t:0.3,0.6")]
     conditions = null_conditions(prior, "mri:accel=2,center=0.25,noise=0.01", settings, [window],
-                                 _prior_id(prior)["weights_sha256"])
+                                 prior_identity(prior)["weights_sha256"])
     conditions["block_size"] = 4
     model = null_from_eval_run(out, ["t:0.3,0.6"], 4, conditions)
     assert model.n_images == 4 and model.conditions["windows"][0]["name"] == "t:0.3,0.6"
@@ -460,3 +509,19 @@ def test_eval_parser_registers_every_option():
                               "--device", "cpu", "--block-sizes", "4,8", "--skip", "eigenscore"])
     assert args.split == "test" and args.block_sizes == [4, 8] and args.skip == ["eigenscore"]
     assert args.max_patients == 2 and args.max_slices == 2 and callable(args.run)
+
+
+def test_roc_figure_draws_the_headline_rows_and_every_baseline(tmp_path):
+    from klip_med.eval.report import _shown_in_figure, roc_figure
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    names = ["klip_z[9 windows]", "klip[full]", "klip_paper[full]", "klip[t:0.1,0.2]", "klip_paper[t:0.3,1]",
+             "posterior_std", "brightness", "centrality"]
+    curves = {n: (rng.random(100) + labels * k / 8, labels) for k, n in enumerate(names)}
+    assert [n for n in names if _shown_in_figure(n)] == [n for n in names if n not in
+                                                         ("klip[t:0.1,0.2]", "klip_paper[t:0.3,1]")]
+    path = roc_figure(curves, tmp_path / "roc.png", "a title " * 30)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert roc_figure({"brightness": (rng.random(10), np.zeros(10))}, tmp_path / "none.png", "t") is None
+    assert not (tmp_path / "none.png").exists()

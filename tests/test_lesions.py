@@ -17,6 +17,8 @@ from klip_med.data.lesions import (
     insert_flair_lesion,
     insert_metal,
     insert_star,
+    largest_inscribed_radius_mm,
+    soft_tissue_mask_ct,
 )
 from klip_med.data.phantom import KINDS, ct_phantom, mr_phantom, phantom_with_lesion
 from klip_med.errors import KLIPMedError
@@ -123,6 +125,36 @@ def test_sampled_ct_lesion_within_stated_ranges_and_inside_placement_mask():
         assert 10.0 <= abs(lesion.contrast) <= 60.0
         assert not (mask & ~region).any()
         assert region[int(lesion.centre[0]), int(lesion.centre[1])]
+
+
+def test_soft_tissue_mask_keeps_parenchyma_and_drops_fat_vessels_bone_and_air():
+    size, spacing = 96, 2.0
+    rows, cols = np.mgrid[:size, :size]
+    r = np.hypot(rows - 48, cols - 48)
+    image = np.full((size, size), -1000.0, np.float32)  # air
+    image[r < 44] = -100.0  # subcutaneous fat
+    image[r < 36] = 60.0  # liver-like parenchyma
+    image[np.hypot(rows - 48, cols - 30) < 4] = 300.0  # a contrast-filled vessel
+    image[np.abs(rows - 70) < 3] = 700.0  # a band of bone across the body
+    mask = soft_tissue_mask_ct(image, spacing)
+    assert mask.dtype == bool and mask.shape == image.shape
+    assert mask[48, 60] and mask[30, 48]  # parenchyma away from edges
+    assert not mask[48, 30] and not mask[70, 48] and not mask[48, 2] and not mask[48, 90]
+    # nothing in fat or air (but for the partial-volume rim where bone meets fat: too thin to hold a lesion)
+    assert not (mask & (r >= 40) & (np.abs(rows - 70) > 6)).any()
+    image_before = image.copy()
+    soft_tissue_mask_ct(image, spacing)
+    assert np.array_equal(image, image_before)
+    with pytest.raises(KLIPMedError, match="hu_range"):
+        soft_tissue_mask_ct(image, spacing, hu_range=(100.0, 20.0))
+
+
+def test_largest_inscribed_radius_of_a_disc_and_the_border():
+    spacing = (0.5, 0.5)
+    disc = inner_disc((101, 101), (50, 50), spacing, 15.0)
+    assert largest_inscribed_radius_mm(disc, spacing) == pytest.approx(15.5, abs=0.5)  # edge is the first outside pixel
+    assert largest_inscribed_radius_mm(np.ones((11, 21), bool), 2.0) == pytest.approx(12.0)  # 6 px to the border
+    assert largest_inscribed_radius_mm(np.zeros((5, 5), bool), 1.0) == 0.0
 
 
 def test_flair_lesion_is_hyperintense_with_oedema_and_stays_in_range():

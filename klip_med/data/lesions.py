@@ -55,6 +55,13 @@ STAR_ARMS_RANGE = (4, 8)
 METAL_DIAMETER_RANGE_MM = (3.0, 10.0)
 METAL_DENSITY_RANGE_HU = (2000.0, 3000.0)
 BODY_THRESHOLD_HU = -500.0
+CT_SOFT_TISSUE_HU = (20.0, 180.0)
+"""Smoothed-HU range of solid soft tissue (liver, spleen, kidney, muscle): above fat and water,
+below contrast-filled vessels and bone."""
+CT_SOFT_TISSUE_SMOOTH_MM = 3.0
+"""Gaussian sigma (mm) applied before :data:`CT_SOFT_TISSUE_HU` is tested (ignores noise and texture)."""
+CT_HYPODENSE_RANGE_HU = (-80.0, -40.0)
+"""Signed contrast of a hypodense metastasis against enhanced parenchyma in the portal-venous phase."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,36 @@ def _round_profile(dy, dx, radius_mm: float, harmonics: np.ndarray, edge_mm: flo
 def body_mask_ct(image: np.ndarray) -> np.ndarray:
     """Body of a CT slice in HU: ``image > -500`` with holes (lungs, gas) filled; bool (H, W)."""
     return binary_fill_holes(_check_image(image) > BODY_THRESHOLD_HU)
+
+
+def soft_tissue_mask_ct(
+    image: np.ndarray,
+    pixel_spacing_mm: float | tuple[float, float],
+    hu_range: tuple[float, float] = CT_SOFT_TISSUE_HU,
+    smooth_mm: float = CT_SOFT_TISSUE_SMOOTH_MM,
+) -> np.ndarray:
+    """Solid soft tissue of a CT slice in HU, where a liver-like lesion can sit; bool (H, W).
+
+    A pixel qualifies when the image, smoothed by a Gaussian of ``smooth_mm`` (sigma, mm), lies in
+    ``hu_range`` (inclusive low, exclusive high). This keeps organ parenchyma and muscle and leaves
+    out air, fat, fluid below ``hu_range[0]``, contrast-filled vessels and bone.
+    """
+    img = _check_image(image)
+    spacing = _check_spacing(pixel_spacing_mm)
+    smooth_mm = _check_number("smooth_mm", smooth_mm, positive=True)
+    ok = isinstance(hu_range, (tuple, list)) and len(hu_range) == 2 and float(hu_range[0]) < float(hu_range[1])
+    expect(ok, "hu_range", "a (low, high) pair with low < high, in HU", hu_range)
+    smooth = gaussian_filter(img.astype(np.float64), sigma=(smooth_mm / spacing[0], smooth_mm / spacing[1]))
+    return (smooth >= float(hu_range[0])) & (smooth < float(hu_range[1]))
+
+
+def largest_inscribed_radius_mm(region: np.ndarray, pixel_spacing_mm: float | tuple[float, float]) -> float:
+    """Largest distance (mm) from a pixel of ``region`` to its edge or the image border; 0 if empty."""
+    spacing = _check_spacing(pixel_spacing_mm)
+    region = np.asarray(region, dtype=bool)
+    if not region.any():
+        return 0.0
+    return float(distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1].max())
 
 
 def body_mask_mr(image: np.ndarray, intensity_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:

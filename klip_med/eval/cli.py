@@ -46,6 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
         pixel_spacing_mm=args.pixel_spacing_mm, command="klip-med " + shlex.join(sys.argv[1:]),
         null=args.null, null_windows=args.null_windows, null_conditioning=args.null_conditioning,
+        ct_lesions=args.ct_lesions,
     )
     from klip_med.eval.report import markdown_table
 
@@ -89,6 +90,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, default=10, help="images per patient, OOD + ID (default 10)")
     p.add_argument("--lesions", choices=("auto", "real", "inserted"), default="auto",
                    help="real masks, or matched pairs with inserted lesions (auto: real if the manifest has masks)")
+    p.add_argument("--ct-lesions", choices=("soft-tissue", "body"), default="soft-tissue",
+                   help="inserted CT lesion design: soft-tissue (hypodense -80..-40 HU, wholly in liver/kidney/"
+                        "spleen/muscle; default) or body (the first design: +-10..60 HU anywhere in the body)")
     p.add_argument("--pixel-spacing-mm", type=float, help="for inserted lesions when files carry no spacing")
     p.add_argument("--skip", nargs="*", default=[], choices=BASELINES, metavar="BASELINE",
                    help=f"baselines not to compute ({', '.join(BASELINES)})")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from klip_med.atomic import atomic_path
-from klip_med.eval.metrics import has_both_classes, roc_points
+from klip_med.eval.metrics import auroc, has_both_classes, roc_points
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -89,28 +90,38 @@ def write_results(results: Mapping, out_dir: Path, stem: str = "results") -> tup
     return json_path, md_path
 
 
+def _shown_in_figure(name: str) -> bool:
+    """ROC figures draw the calibrated map, the full-run KLIP (ours and the paper's) and every
+    baseline; per-window KLIP rows stay in the tables (a figure of 30 curves cannot be read)."""
+    return not name.startswith(("klip[", "klip_paper[")) or name in ("klip[full]", "klip_paper[full]")
+
+
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path | None:
-    """One ROC panel: ``curves`` maps a method name to (scores, labels). Methods whose labels hold
-    one class only are left out; returns None when none is left."""
+    """One ROC panel: ``curves`` maps a method name to (scores, labels), drawn when
+    :func:`_shown_in_figure` keeps it and its labels hold both classes; the legend gives each
+    curve's pooled AUROC. Returns None when no curve is left."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = {n: sl for n, sl in curves.items() if has_both_classes(sl[1])}
+    usable = {n: sl for n, sl in curves.items() if _shown_in_figure(n) and has_both_classes(sl[1])}
     if not usable:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = plt.subplots(figsize=(9.0, 5.5))
     colours = plt.get_cmap("tab20")
     for k, (name, (scores, labels)) in enumerate(usable.items()):
         fpr, tpr = roc_points(scores, labels)
-        ax.plot(fpr, tpr, color=colours(k % 20), lw=1.8 if name.startswith("klip") else 1.2,
-                ls="-" if name.startswith("klip") else "--", label=name)
+        klip = name.startswith("klip")
+        ax.plot(fpr, tpr, color=colours(k % 20), lw=2.2 if name.startswith("klip_z") else 1.6 if klip else 1.2,
+                ls="-" if klip else "--", label=f"{name} ({auroc(scores, labels):.3f})")
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.set_aspect("equal")
+    ax.set_title("\n".join(textwrap.wrap(title.replace("\n", " "), 70)), fontsize=8.5)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="method (pooled AUROC)",
+              title_fontsize=7)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -19,7 +19,6 @@ interrupted benchmark resumes. Same seed, same device: same numbers.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -39,24 +38,11 @@ from klip_med.eval.report import roc_figure, write_results
 from klip_med.eval.selection import EvalSlice, select_slices, slice_seed
 from klip_med.eval.summary import REFERENCES, summarise
 from klip_med.pipeline import KLIPSettings, parse_window
+from klip_med.priors.identity import prior_identity
 from klip_med.score import KLIPAccumulator, check_windows_cover_steps
 from klip_med.score.windows import Window
 
 from klip_med.eval.names import DEFAULT_WINDOWS  # noqa: E402  (re-exported)
-
-
-def _prior_id(prior) -> dict:
-    """Name, config and a SHA-256 of the weights (the cache must not outlive a retrained prior)."""
-    digest = hashlib.sha256()
-    module = prior if isinstance(prior, torch.nn.Module) else getattr(prior, "unet", None)
-    if module is not None:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    config = getattr(prior, "config", None)
-    return {"name": getattr(config, "name", type(prior).__name__),
-            "config": config.to_dict() if hasattr(config, "to_dict") else None,
-            "weights_sha256": digest.hexdigest()}
 
 
 def _windows(specs: Sequence[str], prior, steps: int) -> tuple[Window, ...]:
@@ -134,7 +120,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
                   n_boot: int = 1000, min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
                   pixel_spacing_mm: float | None = None, metrics_only: bool = False, command: str | None = None,
                   log: Callable[[str], None] | None = print, null: str | Path | None = None,
-                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto") -> dict:
+                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto",
+                  ct_lesions: str = "soft-tissue") -> dict:
     """Run (or resume) a benchmark and write its results.
 
     Args:
@@ -163,6 +150,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         null_windows: the windows it combines (default: the model file's; for ``lopo``
             :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
         null_conditioning: for ``"lopo"`` (``auto``, ``position``, ``edge``, ``intensity`` or ``none``).
+        ct_lesions: inserted CT lesion design, ``soft-tissue`` or ``body``
+            (:mod:`klip_med.eval.selection`, rule 5).
 
     Returns:
         the results dict of the first block size (as written to ``results.json``).
@@ -180,9 +169,11 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     win = _windows(windows, prior, settings.steps)
     settings = replace(settings, windows=win)
     slices = select_slices(manifest, split, prior, max_patients, max_slices_per_patient, lesions, settings.seed,
-                           min_body_fraction, min_lesion_pixels, pixel_spacing_mm)
+                           min_body_fraction, min_lesion_pixels, pixel_spacing_mm, ct_lesions)
     mode = ("real" if manifest.mask_key else "inserted") if lesions == "auto" else lesions
-    prior_id = _prior_id(prior)
+    if mode == "inserted" and manifest.modality == "CT":
+        mode = f"inserted ({ct_lesions})"
+    prior_id = prior_identity(prior)
     parts = {"physics": physics_spec, "settings": settings.describe(), "baselines": baselines.describe(),
              "prior": prior_id["weights_sha256"], "version": 1}
     wants_cfs = "cfs" not in baselines.skip

@@ -21,6 +21,15 @@ Selection rule (deterministic, documented in every results.json):
    :func:`~klip_med.data.lesions.insert_flair_lesion` for MR) of at least ``min_lesion_pixels``
    pixels, drawn with a ``numpy`` Generator seeded by the run seed and the slice.
    ``lesions="auto"`` is ``real`` when the manifest has a mask key, else ``inserted``.
+5. CT lesion design (``ct_lesions``):
+
+   - ``"soft-tissue"`` (the default): a hypodense metastasis-like lesion. Its contrast is uniform
+     in :data:`~klip_med.data.lesions.CT_HYPODENSE_RANGE_HU` (-80 to -40 HU). It lies wholly in
+     solid soft tissue (:func:`~klip_med.data.lesions.soft_tissue_mask_ct`: liver, spleen, kidney,
+     muscle). Its diameter is uniform between the 30-pixel minimum and 30 mm, capped by the room
+     the tissue leaves.
+   - ``"body"`` (the first design; kept to reproduce its numbers): contrast of either sign,
+     10-60 HU, anywhere in the body, bone included.
 
 The bootstrap unit is the manifest item's ``labels.patient`` (the item's file when absent); when a
 split holds a single patient (L067), each item (a block of slices) is its own unit.
@@ -38,6 +47,7 @@ from klip_med.data.manifest import Manifest, ManifestItem
 from klip_med.errors import KLIPMedError
 
 LESION_MODES = ("auto", "real", "inserted")
+CT_LESION_DESIGNS = ("soft-tissue", "body")
 BODY_LEVEL = -0.9
 """Prior-unit level above which a pixel counts as body for the slice selection."""
 
@@ -108,7 +118,7 @@ def _spacing(data, item: ManifestItem, pixel_spacing_mm: float | None) -> tuple[
 def select_slices(manifest: Manifest, split: str, prior, max_patients: int | None = None,
                   max_slices_per_patient: int = 10, lesions: str = "auto", seed: int = 0,
                   min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
-                  pixel_spacing_mm: float | None = None) -> list[EvalSlice]:
+                  pixel_spacing_mm: float | None = None, ct_lesions: str = "soft-tissue") -> list[EvalSlice]:
     """The benchmark's slices by the rule in the module docstring.
 
     Args:
@@ -119,11 +129,14 @@ def select_slices(manifest: Manifest, split: str, prior, max_patients: int | Non
         lesions: ``auto``, ``real`` or ``inserted``.
         min_lesion_pixels: at 128 x 128; scaled with the image area.
         pixel_spacing_mm: spacing for inserted lesions when the files do not record one.
+        ct_lesions: the inserted CT lesion design, ``soft-tissue`` or ``body`` (rule 5).
     """
     if split not in ("dev", "test"):
         raise KLIPMedError(f"split: expected 'dev' or 'test' (held-out patients), found {split!r}")
     if lesions not in LESION_MODES:
         raise KLIPMedError(f"lesions: expected one of {list(LESION_MODES)}, found {lesions!r}")
+    if ct_lesions not in CT_LESION_DESIGNS:
+        raise KLIPMedError(f"ct_lesions: expected one of {list(CT_LESION_DESIGNS)}, found {ct_lesions!r}")
     if not isinstance(max_slices_per_patient, int) or max_slices_per_patient < 1:
         raise KLIPMedError(f"max_slices_per_patient: expected a positive integer, found {max_slices_per_patient!r}")
     if max_patients is not None and (not isinstance(max_patients, int) or max_patients < 1):
@@ -159,7 +172,7 @@ def select_slices(manifest: Manifest, split: str, prior, max_patients: int | Non
             chosen += _real(item, unit, model, masks, eligible, body, per_half, min_px)
         else:
             chosen += _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px,
-                                spacing, manifest.modality, prior, seed)
+                                spacing, manifest.modality, prior, seed, ct_lesions)
     if not chosen:
         raise KLIPMedError(f"{manifest.source}: split {split!r}: expected eligible slices (body fraction >= "
                            f"{min_body_fraction}), found none")
@@ -195,9 +208,10 @@ def _slice(item, unit, label, image, mask, index, body_fraction, **info) -> Eval
 
 
 def _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px, spacing, modality, prior,
-              seed) -> list[EvalSlice]:
-    from klip_med.data.lesions import CT_DIAMETER_RANGE_MM, FLAIR_DIAMETER_RANGE_MM, insert_ct_lesion
-    from klip_med.data.lesions import insert_flair_lesion
+              seed, ct_lesions="soft-tissue") -> list[EvalSlice]:
+    from klip_med.data.lesions import CT_DIAMETER_RANGE_MM, CT_HYPODENSE_RANGE_HU, FLAIR_DIAMETER_RANGE_MM
+    from klip_med.data.lesions import insert_ct_lesion, insert_flair_lesion, largest_inscribed_radius_mm
+    from klip_med.data.lesions import soft_tissue_mask_ct
 
     rule = prior.config.intensity
     out = []
@@ -211,11 +225,21 @@ def _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px
         d_min = 2.0 * math.sqrt(min_px / math.pi) * max(spacing) * 1.05
         low = max(lo, d_min, 2.02 * max(spacing))  # insert_* needs >= 2 pixels across
         high = min(max(hi, low * 1.2), largest)
+        region = None
+        if modality == "CT" and ct_lesions == "soft-tissue":
+            region = soft_tissue_mask_ct(volume[i], spacing)
+            room = 2.0 * largest_inscribed_radius_mm(region, spacing) / spread
+            high = min(high, 0.99 * room)
         if low > high:
-            raise KLIPMedError(f"{key}: expected room for a lesion of >= {min_px} pixels, found an image of "
-                               f"{volume.shape[-2:]} pixels at {spacing} mm")
+            where = "soft tissue" if region is not None else "an image"
+            raise KLIPMedError(f"{key}: expected room for a lesion of >= {min_px} pixels ({low:.1f} mm), found "
+                               f"{where} of {volume.shape[-2:]} pixels at {spacing} mm that holds {high:.1f} mm")
         diameter = float(rng.uniform(low, high))
-        if modality == "CT":
+        if region is not None:
+            contrast = float(rng.uniform(*CT_HYPODENSE_RANGE_HU))
+            ins = insert_ct_lesion(volume[i], spacing, rng, diameter_mm=diameter, contrast_hu=contrast,
+                                   placement_mask=region)
+        elif modality == "CT":
             ins = insert_ct_lesion(volume[i], spacing, rng, diameter_mm=diameter)
         else:
             ins = insert_flair_lesion(volume[i], spacing, rng, diameter_mm=diameter,
@@ -224,7 +248,8 @@ def _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px
         healthy = _slice(item, unit, 0, model[i], np.zeros_like(ins.mask), i, body[i])
         info = {"file": item.relative, "slice": int(i), "body_fraction": round(body[i], 4),
                 "lesion_pixels": int(ins.mask.sum()), "matched_to": key,
-                "inserted": {"kind": ins.lesion.kind, "diameter_mm": round(ins.lesion.diameter_mm, 3),
+                "inserted": {"kind": ins.lesion.kind, "design": ct_lesions if modality == "CT" else "flair",
+                             "diameter_mm": round(ins.lesion.diameter_mm, 3),
                              "contrast": round(float(ins.lesion.contrast), 4),
                              "centre": [round(float(c), 2) for c in ins.lesion.centre]}}
         out.append(healthy)

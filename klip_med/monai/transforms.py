@@ -16,6 +16,7 @@ interpolation) into the prior's orientation before sampling and back afterwards.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -38,17 +39,22 @@ from klip_med.io.resample import resample_inplane
 from klip_med.pipeline import (
     KLIPSettings,
     SliceResult,
+    default_windows,
     parse_window,
     reconstruct_image,
     reconstruct_measurement,
 )
 from klip_med.score import Window
+from klip_med.score.blocks import block_to_pixels, blocks_inside_mask
 
 PRIOR_SLICE_AXCODES = "PL"
 """Where the shipped priors' image rows and columns point: rows to Posterior, columns to patient Left."""
 
 INTENSITY_MODES = ("physical", "prior")
-OUTPUT_NAMES = ("recon", "klip", "std")
+OUTPUT_NAMES = ("recon", "klip", "std", "klip_z")
+"""Outputs in order; ``klip_z`` only when a null model applies."""
+Z_THRESHOLD_FPR = 0.01
+"""False-positive rate per healthy block of the z threshold recorded in ``meta["klip"]`` (as ``klip-med run``)."""
 
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel: (negative, positive) per world axis
@@ -181,7 +187,13 @@ class KLIPReconstruct(Transform):
         samples, steps, sampler, block_size, normalization, seed: the fields of
             :class:`klip_med.pipeline.KLIPSettings`.
         windows: KLIP windows: spec strings (``"full"``, ``"t:a,b"``, ``"sigma:a,b"``) or
-            :class:`klip_med.score.Window`; the first one is the headline map.
+            :class:`klip_med.score.Window`; the first one is the headline map. None (default): those
+            of ``klip-med run`` (:func:`klip_med.pipeline.default_windows`: ``t:0.1,1`` and the
+            nine calibrated tenths), so a shipped null model applies.
+        null: the null model behind ``klip_z`` (:mod:`klip_med.score.null`): ``"auto"`` (default:
+            the one shipped with the prior for this physics spec, sampler settings, windows and
+            block size, if any), ``"none"``, or a JSON file from ``klip-med calibrate`` (checked
+            against this transform's prior, physics and settings).
         device: where sampling runs (``"cpu"``, ``"cuda"``).
         measure: True: the input is the ground-truth image; a measurement is simulated from it with
             ``physics`` (demos, benchmarks). False: the input is a measurement ``y`` of one slice,
@@ -210,6 +222,10 @@ class KLIPReconstruct(Transform):
         - ``"klip"``: (1 or n_windows, H, W[, D]) KLIP map in nats per input pixel (the prior-grid
           map resampled so that block sums are kept).
         - ``"std"``: (1, H, W[, D]) posterior standard deviation over the samples, input units.
+        - ``"klip_z"`` (only when a null model applies): (1, H, W[, D]) each block's combined
+          z-score against healthy reconstructions, on its pixels (nearest-neighbour onto the input
+          grid; 0 for blocks outside the body). ``meta["klip"]["z_threshold"]`` is the z at a 1%
+          false-positive rate per healthy block, the threshold ``klip-med run`` uses for its SEG.
 
         With ``measure=False`` the outputs lie on the prior's grid, (1, h, w), in the prior's slice
         orientation, and carry the input's affine if it is a ``MetaTensor``.
@@ -230,7 +246,7 @@ class KLIPReconstruct(Transform):
         samples: int = 4,
         steps: int = 100,
         sampler: str = "fast",
-        windows: Sequence[str | Window] | str | Window = ("full",),
+        windows: Sequence[str | Window] | str | Window | None = None,
         block_size: int = 8,
         normalization: str = "transition",
         seed: int = 0,
@@ -240,15 +256,17 @@ class KLIPReconstruct(Transform):
         mr_scale: float | None = None,
         slice_axcodes: str | None = PRIOR_SLICE_AXCODES,
         all_windows: bool = False,
+        null: str | Any | None = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.prior = _load_prior(prior, self.device)
         shape = tuple(self.prior.image_shape)
         expect(len(shape) == 3 and shape[0] == 1, "prior", "a single-channel 2D prior (1, h, w)", shape)
         self.grid = (int(shape[1]), int(shape[2]))
-        self.settings = KLIPSettings(samples=samples, steps=steps, sampler=sampler,
-                                     windows=_windows(windows, self.prior), block_size=block_size,
+        self.settings = KLIPSettings(samples=samples, steps=steps, sampler=sampler, block_size=block_size,
                                      normalization=normalization, seed=seed)
+        chosen = default_windows(self.prior, self.settings) if windows is None else _windows(windows, self.prior)
+        self.settings = dataclasses.replace(self.settings, windows=chosen)
         expect(isinstance(measure, bool), "measure", "True or False", measure)
         self.measure = measure
         if isinstance(physics, str):
@@ -281,6 +299,39 @@ class KLIPReconstruct(Transform):
             slice_axcodes = codes
         self.slice_axcodes = slice_axcodes
         self.all_windows = bool(all_windows)
+        self.null, self.null_windows, self.null_description = self._resolve_null(null, prior)
+
+    def _resolve_null(self, null: Any, prior_argument: Any) -> tuple[Any, list[int], str]:
+        """``(model or None, indices of its windows among the settings', description)``."""
+        if null is None or str(null) == "none":
+            return None, [], "none"
+        spec_only = "'auto' or 'none'"
+        if not isinstance(self.physics, str):
+            expect(str(null) == "auto", "null", f"{spec_only} with a built operator (a null model is matched "
+                   "against a physics spec string)", null)
+            return None, [], "none applies (auto: a built operator has no spec string to match)"
+        if getattr(self.prior, "config", None) is None:
+            expect(str(null) == "auto", "null", f"{spec_only} for a prior without a config (e.g. analytic)", null)
+            return None, [], "none applies (auto: the prior has no config)"
+        from klip_med.calibrate import resolve_null
+
+        named = isinstance(prior_argument, str) or hasattr(prior_argument, "__fspath__")
+        reference = prior_argument if named else self.prior.config.name
+        return resolve_null(null, reference, self.prior, self.physics, self.settings)
+
+    def _zscores(self, results: list[SliceResult]) -> tuple[np.ndarray, list[float]]:
+        """Block z-scores of each slice on its pixels, (D, h, w) on the prior's grid (0 for blocks
+        outside the body), and each slice's largest in-body z."""
+        from klip_med.calibrate import apply_null
+
+        size = int(self.null.conditions["block_size"])
+        maps, maxima = [], []
+        for r in results:
+            z, _ = apply_null(self.null, r, self.null_windows)
+            inside = blocks_inside_mask(r.body_mask, size).numpy()
+            maps.append(block_to_pixels(np.where(inside, z, 0.0), size, self.grid))
+            maxima.append(float(np.max(z[inside], initial=0.0)) if inside.any() else 0.0)
+        return np.stack(maps).astype(np.float32), maxima
 
     # -------------------------------------------------------------- call
 
@@ -305,9 +356,11 @@ class KLIPReconstruct(Transform):
             "klip": {"quantity": "KLIP map", "units": klip_units,
                      "channels": names if self.all_windows else names[:1]},
             "std": {"quantity": "posterior standard deviation", "units": units},
+            "klip_z": {"quantity": "KLIP z-score against healthy reconstructions (null model)",
+                       "units": "standard deviations"},
         }
         out = {}
-        for name in OUTPUT_NAMES:
+        for name in (n for n in OUTPUT_NAMES if n in arrays):
             item_meta = copy.deepcopy(meta)
             item_meta.pop("affine", None)
             item_meta["klip"] = {**described[name], **copy.deepcopy(summary)}
@@ -316,7 +369,9 @@ class KLIPReconstruct(Transform):
                                    applied_operations=copy.deepcopy(ops))
         return out
 
-    def _summary(self, results: list[SliceResult], physics_text: Any) -> dict[str, Any]:
+    def _summary(self, results: list[SliceResult], physics_text: Any,
+                 z_max: Sequence[float] | None = None) -> dict[str, Any]:
+        """Per-slice and overall scores; ``z_max``: each slice's largest in-body z (with a null model)."""
         slices = []
         for index, r in enumerate(results):
             slices.append({
@@ -324,8 +379,14 @@ class KLIPReconstruct(Transform):
                 "score_statistic": r.score.statistic, "top_blocks_prior_grid": r.top_blocks(3),
                 "network_calls": r.metadata["network_calls"], "seconds": r.metadata["seconds"],
             })
+        null: dict[str, Any] = {"null_model": self.null_description}
+        if self.null is not None and z_max is not None:
+            for entry, value in zip(slices, z_max, strict=True):
+                entry["z_max"] = round(value, 4)
+            null.update(z_max=round(max(z_max), 4), z_threshold={
+                "fpr": Z_THRESHOLD_FPR, "z": round(self.null.z_threshold(Z_THRESHOLD_FPR), 4)})
         return {
-            "score_max": max(s["score_max"] for s in slices),
+            "score_max": max(s["score_max"] for s in slices), **null,
             "prior": _prior_name(self.prior), "physics": physics_text, "measure": self.measure,
             "settings": self.settings.describe(), "klip": results[0].metadata["klip"],
             "slices": slices, "klip_med_version": klip_med.__version__, "monai_version": monai.__version__,
@@ -406,7 +467,11 @@ class KLIPReconstruct(Transform):
 
         arrays = {"recon": channel_first(mean)[None], "klip": channel_first(klip),
                   "std": channel_first(std)[None]}
-        summary = self._summary(results, self.physics)
+        z_max = None
+        if self.null is not None:
+            z, z_max = self._zscores(results)
+            arrays["klip_z"] = channel_first(layout.from_prior(resample_inplane(z, native, kind="label")))[None]
+        summary = self._summary(results, self.physics, z_max)
         summary["orientation"] = layout.describe()
         summary["intensity"] = self._intensity_summary(scale)
         summary["_units"] = units
@@ -444,12 +509,17 @@ class KLIPReconstruct(Transform):
             units = self.rule.unit
             if self.rule.kind == "mr-percentile" and scale is None:
                 units = "MR signal scaled to [0, 1] (no mr_scale given)"
-        summary = self._summary([result], physics_text)
+        arrays = {"recon": mean[None], "klip": klip, "std": std[None]}
+        z_max = None
+        if self.null is not None:
+            z, z_max = self._zscores([result])
+            arrays["klip_z"] = z
+        summary = self._summary([result], physics_text, z_max)
         summary["orientation"] = {"note": f"on the prior's {self.grid[0]}x{self.grid[1]} grid, slice axes "
                                           f"{self.slice_axcodes or 'as the prior was trained'}"}
         summary["intensity"] = self._intensity_summary(scale)
         summary["_units"] = units
-        return {"recon": mean[None], "klip": klip, "std": std[None]}, summary
+        return arrays, summary
 
 
 # ---------------------------------------------------------------- dictionary transform
@@ -461,13 +531,14 @@ class KLIPReconstructd(MapTransform):
     Args:
         keys: the image key(s) to reconstruct (each as in :class:`KLIPReconstruct`).
         prior, physics: as in :class:`KLIPReconstruct`.
-        recon_keys, klip_keys, std_keys: where the outputs go, one per key; default
-            ``"<key>_recon"``, ``"<key>_klip"``, ``"<key>_std"``.
+        recon_keys, klip_keys, std_keys, klip_z_keys: where the outputs go, one per key; default
+            ``"<key>_recon"``, ``"<key>_klip"``, ``"<key>_std"``, ``"<key>_klip_z"`` (the last only
+            when a null model applies).
         allow_missing_keys: skip keys absent from the data instead of raising MONAI's ``KeyError``
             (which names the key and this transform, as every MONAI dictionary transform does).
         **options: the keyword options of :class:`KLIPReconstruct` (``samples``, ``steps``,
             ``sampler``, ``windows``, ``block_size``, ``normalization``, ``seed``, ``device``,
-            ``measure``, ``intensity``, ``mr_scale``, ``slice_axcodes``, ``all_windows``).
+            ``measure``, ``intensity``, ``mr_scale``, ``slice_axcodes``, ``all_windows``, ``null``).
 
     The outputs are ``MetaTensor`` s with the input's affine and metadata; save each with its own
     ``SaveImaged(keys=..., output_postfix=...)`` so their file names differ. The input is unchanged.
@@ -482,6 +553,7 @@ class KLIPReconstructd(MapTransform):
         recon_keys: KeysCollection | None = None,
         klip_keys: KeysCollection | None = None,
         std_keys: KeysCollection | None = None,
+        klip_z_keys: KeysCollection | None = None,
         allow_missing_keys: bool = False,
         **options: Any,
     ) -> None:
@@ -490,6 +562,7 @@ class KLIPReconstructd(MapTransform):
         self.recon_keys = self._output_keys(recon_keys, "recon")
         self.klip_keys = self._output_keys(klip_keys, "klip")
         self.std_keys = self._output_keys(std_keys, "std")
+        self.klip_z_keys = self._output_keys(klip_z_keys, "klip_z")
 
     def _output_keys(self, given: KeysCollection | None, suffix: str) -> tuple[Hashable, ...]:
         if given is None:
@@ -501,8 +574,10 @@ class KLIPReconstructd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for key, recon_key, klip_key, std_key in self.key_iterator(d, self.recon_keys, self.klip_keys,
-                                                                   self.std_keys):
+        for key, recon_key, klip_key, std_key, z_key in self.key_iterator(
+                d, self.recon_keys, self.klip_keys, self.std_keys, self.klip_z_keys):
             out = self.reconstruct(d[key])
             d[recon_key], d[klip_key], d[std_key] = out["recon"], out["klip"], out["std"]
+            if "klip_z" in out:
+                d[z_key] = out["klip_z"]
         return d
