@@ -459,8 +459,13 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     conditions["block_size"] = 4
     model = null_from_eval_run(out, ["t:0.3,0.6"], 4, conditions)
     assert model.n_images == 4 and model.conditions["windows"][0]["name"] == "t:0.3,0.6"
-    two = _run(manifest, root, out, prior, null="lopo", null_windows=["t:0.3,0.6", "t:0.6,1"])
-    assert "klip_z[2 windows t:0.3,0.6..t:0.6,1]" in two["methods"]
+    two = _run(manifest, root, out, prior, null="lopo", null_windows=["t:0.3,0.6", "t:0.6,1"],
+               block_sizes=[4, 2, 8])
+    name = "klip_z[2 windows t:0.3,0.6..t:0.6,1]"
+    assert name in two["methods"]
+    fine = json.loads((out / "results_b2.json").read_text())  # lopo refits for every block size
+    assert name in fine["methods"] and fine["benchmark"]["block_size"] == 2
+    assert name not in json.loads((out / "results_b8.json").read_text())["methods"]  # 4 blocks per image: no null
     model.save(tmp_path / "null.json")
     with_file = _run(manifest, root, out, prior, null=tmp_path / "null.json", block_sizes=[4])
     assert "klip_z[t:0.3,0.6]" in with_file["methods"]

@@ -146,7 +146,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         log: progress lines (None: silent).
         null: adds the null-calibrated row ``klip_z[...]`` (:mod:`klip_med.eval.nulls`): a null
             model file from ``klip-med calibrate`` or ``"lopo"`` (leave one patient out over this
-            run's lesion-free slices); None: no such row.
+            run's lesion-free slices, refitted for every block size); None: no such row. A model
+            file gives the row for its own block size only.
         null_windows: the windows it combines (default: the model file's; for ``lopo``
             :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
         null_conditioning: for ``"lopo"`` (``auto``, ``position``, ``edge``, ``intensity`` or ``none``).
@@ -215,9 +216,14 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     first = None
     for k, size in enumerate(sizes):
         scored, calibration = entries, None
-        if null_rows is not None and null_rows["block_size"] == size:
-            scored = add_null_maps(entries, null_rows["model"], null_rows["windows"], size, null_conditioning,
-                                   null_rows["conditions"])
+        if null_rows is not None and null_rows["block_size"] in (size, None):
+            try:
+                scored = add_null_maps(entries, null_rows["model"], null_rows["windows"], size, null_conditioning,
+                                       null_rows["conditions"])
+            except KLIPMedError as exc:
+                if k == 0:
+                    raise
+                say(f"no klip_z row at {size}x{size} blocks: {exc}")  # a further block size, e.g. too coarse
             if isinstance(null_rows["model"], NullModel):
                 calibration = observed_false_positive_rates(entries, null_rows["model"], null_rows["windows"], size)
                 calibration["null"] = str(null)
@@ -246,7 +252,7 @@ def _null_rows(null, null_windows, conditioning, windows, prior, prior_id, physi
 
     if str(null) == "lopo":
         chosen = list(null_windows or (CALIBRATED_WINDOWS if set(CALIBRATED_WINDOWS) <= set(windows) else windows[:1]))
-        return {"model": "lopo", "windows": chosen, "block_size": sizes[0], "conditions": None}
+        return {"model": "lopo", "windows": chosen, "block_size": None, "conditions": None}  # every block size
     model = NullModel.load(null)
     chosen = list(null_windows or [w["name"] for w in model.conditions.get("windows", [])])
     missing = [w for w in chosen if w not in windows]

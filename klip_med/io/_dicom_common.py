@@ -8,14 +8,18 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from klip_med import __version__
 from klip_med.errors import expect
 from klip_med.atomic import atomic_path
 from klip_med.io.volume import Volume
 
 MANUFACTURER = "klip_med"
 MODEL = "klip_med"
-SOFTWARE_VERSION = "0.1.0"
+SOFTWARE_VERSION = __version__
 DEVICE_SERIAL = "0"
+EQUIPMENT = {"manufacturer": MANUFACTURER, "manufacturer_model_name": MODEL,
+             "software_versions": SOFTWARE_VERSION, "device_serial_number": DEVICE_SERIAL}
+"""The equipment keyword arguments of every highdicom object this package writes."""
 
 
 def require_dicom(source: Volume, argument: str = "source") -> tuple[Dataset, ...]:

@@ -16,10 +16,7 @@ from pydicom.uid import generate_uid
 
 from klip_med.errors import KLIPMedError, expect
 from klip_med.io._dicom_common import (
-    DEVICE_SERIAL,
-    MANUFACTURER,
-    MODEL,
-    SOFTWARE_VERSION,
+    EQUIPMENT,
     on_grid,
     set_slice_spacing,
     require_dicom,
@@ -79,10 +76,7 @@ def write_parametric_map(
         series_number=series_number,
         sop_instance_uid=generate_uid(),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL,
-        software_versions=SOFTWARE_VERSION,
-        device_serial_number=DEVICE_SERIAL,
+        **EQUIPMENT,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[

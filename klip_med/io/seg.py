@@ -19,10 +19,7 @@ from pydicom.uid import generate_uid
 
 from klip_med.errors import KLIPMedError, expect
 from klip_med.io._dicom_common import (
-    DEVICE_SERIAL,
-    MANUFACTURER,
-    MODEL,
-    SOFTWARE_VERSION,
+    EQUIPMENT,
     on_grid,
     set_slice_spacing,
     require_dicom,
@@ -35,7 +32,7 @@ OOD_TYPE = codes.SCT.Abnormal
 ANATOMY_CATEGORY = codes.SCT.AnatomicalStructure
 ANATOMY_TYPE = codes.SCT.Organ
 _ALGORITHM = hd.AlgorithmIdentificationSequence(
-    name="klip_med KLIP", version=SOFTWARE_VERSION, family=codes.cid7162.ArtificialIntelligence
+    name="klip_med KLIP", version=EQUIPMENT["software_versions"], family=codes.cid7162.ArtificialIntelligence
 )
 
 
@@ -78,10 +75,7 @@ def _write(
         series_number=series_number,
         sop_instance_uid=generate_uid(),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL,
-        software_versions=SOFTWARE_VERSION,
-        device_serial_number=DEVICE_SERIAL,
+        **EQUIPMENT,
         series_description=series_description[:64],
         omit_empty_frames=False,
         **extra,
