@@ -8,13 +8,18 @@ again) and scores variants of the KLIP map at block level, next to posterior std
   z-scored against the same block of the in-distribution (ID) images);
 - ``z_int``: the same with ``intensity`` conditioning (bins of posterior-mean block intensity);
 - ``z_int_edge``: the same, bins of (intensity, distance to the body edge);
+- ``stouffer``: position z of the nine fine windows combined (the default), and the same with
+  binned conditioning on the distance to the body edge, on local texture (block std of the
+  posterior mean) or on both;
 - ``z_reg``: log density minus a gradient-boosted regression on (intensity, its block std,
   distance to the body edge, row, column) fitted on ID blocks, divided by the residual spread.
 
 Every calibration uses ID slices only (tumour-free slices; for inserted-lesion CT the lesion-free
 twin) and leaves the evaluated image's patient out (leave-one-patient-out, LOPO), so no OOD data
 and no information about the evaluated patient is used. Also prints the per-window KL of lesion
-blocks against the other in-body blocks of the OOD images (where in diffusion time the excess lives).
+blocks against the other in-body blocks of the OOD images (where in diffusion time the excess lives)
+and, for inserted lesions, each map in the lesion's pixels against the same pixels of the
+lesion-free twin (does the lesion raise it at all?).
 
     python examples/research_klip_variants.py runs/mri4x_dev --block-size 8
 """
@@ -184,27 +189,29 @@ def main() -> None:
                     total = total + null.z_scores(blocks_of(e, n))
                 maps[e.key] = total
             score(f"{label} ({len(parts)} windows)", maps)
-        # the same combination with edge-distance conditioning (bins of the distance to the body edge)
+        # the same combination with binned conditioning: distance to the body edge; local texture
+        # (block std of the posterior mean: complex anatomy carries more KL); both
         parts = [n for a, _, n in fine if a >= 0.1 - 1e-6]
-        maps = {}
-        for e in ood:
-            others = [o for o in idd if o.patient != e.patient]
-            total = 0.0
-            for n in parts:
-                ys = np.concatenate([np.log(blocks_of(o, n) + EPS)[inside[o.key]] for o in others])
-                xs = np.concatenate([cov[o.key][inside[o.key]] for o in others])
-                val = np.log(blocks_of(e, n) + EPS)
-                total = total + binned_z(xs[:, [2]], ys, cov[e.key].reshape(-1, 5)[:, [2]], val.reshape(-1),
-                                         [8]).reshape(val.shape)
-            maps[e.key] = total
-        score(f"stouffer-edge t>=0.1 ({len(parts)} windows)", maps)
+        for label, cols, bins in (("edge", [2], [8]), ("texture", [1], [8]), ("texture+edge", [1, 2], [5, 4])):
+            maps = {}
+            for e in ood:
+                others = [o for o in idd if o.patient != e.patient]
+                total = 0.0
+                for n in parts:
+                    ys = np.concatenate([np.log(blocks_of(o, n) + EPS)[inside[o.key]] for o in others])
+                    xs = np.concatenate([cov[o.key][inside[o.key]] for o in others])
+                    val = np.log(blocks_of(e, n) + EPS)
+                    total = total + binned_z(xs[:, cols], ys, cov[e.key].reshape(-1, 5)[:, cols], val.reshape(-1),
+                                             bins).reshape(val.shape)
+                maps[e.key] = total
+            score(f"stouffer-{label} t>=0.1 ({len(parts)} windows)", maps)
 
     # ID-only model selection: held-out (leave-one-patient-out) Gaussian log-likelihood of the ID blocks'
     # log densities under each null family, summed over the nine windows; no lesion label is used
     if fine:
         parts = [n for a, _, n in fine if a >= 0.1 - 1e-6]
         print("\nID-only: held-out log-likelihood per ID block (nats, higher = the null family explains healthy KL better)")
-        for family in ("none", "position", "edge", "intensity", "intensity+edge"):
+        for family in ("none", "position", "edge", "texture", "texture+edge", "intensity", "intensity+edge"):
             total, count = 0.0, 0
             for e in idd:
                 others = [o for o in idd if o.patient != e.patient]
@@ -218,8 +225,10 @@ def main() -> None:
                                              [inside[o.key] for o in others], {}, "lopo", conditioning="position")
                         mu, sd = null.mean[0], null.std[0]
                     else:
-                        cols = {"none": [], "edge": [2], "intensity": [0], "intensity+edge": [0, 2]}[family]
-                        bins = {"none": [], "edge": [8], "intensity": [10], "intensity+edge": [6, 4]}[family]
+                        cols = {"none": [], "edge": [2], "texture": [1], "texture+edge": [1, 2], "intensity": [0],
+                                "intensity+edge": [0, 2]}[family]
+                        bins = {"none": [], "edge": [8], "texture": [8], "texture+edge": [5, 4], "intensity": [10],
+                                "intensity+edge": [6, 4]}[family]
                         mu, sd = binned_moments(xs[:, cols], ys, cov[e.key].reshape(-1, 5)[:, cols], bins)
                         mu, sd = mu.reshape(val.shape), sd.reshape(val.shape)
                     ll = -0.5 * ((val - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)
@@ -257,6 +266,20 @@ def main() -> None:
                 oth.append(m[~lesion[e.key] & inside[e.key]])
             les, oth = np.concatenate(les), np.concatenate(oth)
             print(f"  {n:16s} lesion {les.mean():.3e}  other {oth.mean():.3e}  ratio {les.mean() / oth.mean():.2f}")
+
+    # inserted lesions: does the lesion raise KL over the same pixels of its lesion-free twin?
+    twins = {e.key: e for e in idd}
+    pairs = [(e, twins[e.key.removesuffix("+lesion")]) for e in ood
+             if e.key.endswith("+lesion") and e.key.removesuffix("+lesion") in twins]
+    if pairs:
+        print(f"\nmatched twins ({len(pairs)} pairs): map in the lesion pixels of the lesion slice / the same pixels "
+              "of its lesion-free twin")
+        shown = [n for n in names if n.startswith("klip[")] + [n for n in ("posterior_std", "anoddpm") if n in names]
+        for n in shown:
+            ratio = np.array([o.maps[n][o.lesion].mean() / max(float(t.maps[n][o.lesion].mean()), EPS)
+                              for o, t in pairs])
+            print(f"  {n:18s} mean ratio {ratio.mean():.2f}  median {np.median(ratio):.2f}  "
+                  f"pairs above 1: {(ratio > 1).sum()}/{len(ratio)}")
 
 
 if __name__ == "__main__":

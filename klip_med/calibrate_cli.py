@@ -74,6 +74,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``calibrate`` on a ``klip-med`` subparsers object; returns the subparser."""
     from klip_med.cli import RUN_DEFAULTS, _add_sampler_flags
+    from klip_med.score.null import AUTO_FAMILIES, CONDITIONING
 
     p = subparsers.add_parser(
         "calibrate",
@@ -103,10 +104,11 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                        help="a window to calibrate, repeatable (default: the run's default windows, "
                             "t:0.1,0.2 ... t:0.9,1); the z-scores of several windows are combined")
     group.add_argument("--block", type=int, help=f"block side in pixels (default {RUN_DEFAULTS['block_size']})")
-    group.add_argument("--conditioning", choices=("auto", "position", "edge", "intensity", "none"), default="auto",
+    group.add_argument("--conditioning", choices=CONDITIONING, default="auto",
                        help="what a block is compared with: the same place in the ID images (position), ID blocks "
-                            "at the same distance to the body edge (edge), of the same brightness (intensity), or "
-                            "all ID blocks (none). Default auto: among position / edge / none, the one that "
-                            "predicts held-out ID images best (leaving one patient out)")
+                            "at the same distance to the body edge (edge), holding as much anatomy (texture: "
+                            "posterior-mean block std), of the same brightness (intensity), or all ID blocks "
+                            f"(none). Default auto: among {' / '.join(AUTO_FAMILIES)}, the one that predicts "
+                            "held-out ID images best (leaving one patient out)")
     p.set_defaults(run=_calibrate)
     return p

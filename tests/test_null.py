@@ -12,7 +12,7 @@ from klip_med.calibrate import calibrate_images, null_conditions, apply_null
 from klip_med.data.phantom import mr_phantom
 from klip_med.errors import KLIPMedError
 from klip_med.pipeline import KLIPSettings, parse_window
-from klip_med.score.null import NullModel, block_intensity
+from klip_med.score.null import NullModel, block_covariates, block_intensity, block_texture
 
 GRID = (6, 6)
 
@@ -52,8 +52,9 @@ def test_position_null_recovers_standard_scores_and_calibrated_p_values():
 
 def test_binned_nulls_remove_their_covariate_and_none_keeps_the_ranking():
     rng = np.random.default_rng(2)
-    covs = [{"intensity": rng.uniform(-1, 1, GRID), "edge_distance": rng.uniform(0, 30, GRID)} for _ in range(300)]
-    for key, family in (("intensity", "intensity"), ("edge_distance", "edge")):
+    covs = [{"intensity": rng.uniform(-1, 1, GRID), "edge_distance": rng.uniform(0, 30, GRID),
+             "texture": rng.uniform(0, 0.5, GRID)} for _ in range(300)]
+    for key, family in (("intensity", "intensity"), ("edge_distance", "edge"), ("texture", "texture")):
         densities = [np.exp(-6 + 2 * c[key] / np.abs(c[key]).max() + 0.3 * rng.standard_normal(GRID)) for c in covs]
         insides = [np.ones(GRID, bool)] * 300
         null = NullModel.fit(densities, covs, insides, {}, "synthetic", conditioning=family, n_bins=10)
@@ -170,6 +171,26 @@ def test_block_intensity_handles_partial_edge_blocks():
     b = block_intensity(image, 2)
     assert b.shape == (3, 3)
     assert b[0, 0] == pytest.approx(np.mean([0, 1, 5, 6])) and b[2, 2] == pytest.approx(24.0)
+
+
+def test_block_texture_is_the_block_std_and_a_covariate():
+    image = np.arange(25, dtype=float).reshape(5, 5)
+    t = block_texture(image, 2)
+    assert t.shape == (3, 3)
+    assert t[0, 0] == pytest.approx(np.std([0, 1, 5, 6])) and t[2, 2] == pytest.approx(0.0)
+    assert t[0, 2] == pytest.approx(np.std([4, 9]))  # partial edge block: its own pixels only
+    flat = block_covariates(np.full((8, 8), 0.3), np.ones((8, 8), bool), 4)
+    assert set(flat) == {"intensity", "texture", "edge_distance"} and np.allclose(flat["texture"], 0.0, atol=1e-6)
+
+
+def test_texture_null_survives_save_and_load(tmp_path):
+    rng = np.random.default_rng(6)
+    covs = [{"texture": rng.uniform(0, 0.5, GRID)} for _ in range(40)]
+    densities = [np.exp(-6 + 4 * c["texture"] + 0.2 * rng.standard_normal(GRID)) for c in covs]
+    null = NullModel.fit(densities, covs, [np.ones(GRID, bool)] * 40, {}, "synthetic", conditioning="texture")
+    back = NullModel.load(null.save(tmp_path / "texture.json"))
+    assert back.conditioning == "texture" and back.mean.shape == (1, back.edges.size + 1)
+    np.testing.assert_allclose(back.z_scores(densities[0], covs[0]), null.z_scores(densities[0], covs[0]))
 
 
 def test_calibrate_images_fits_on_reconstructions_and_applies_to_a_result():

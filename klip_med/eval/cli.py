@@ -57,6 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on a ``klip-med`` subparsers object; returns the subparser."""
     from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS
+    from klip_med.score.null import CONDITIONING
 
     p = subparsers.add_parser(
         "eval",
@@ -111,7 +112,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "against the lesion-free slices of the other patients of this run)")
     p.add_argument("--null-windows", nargs="+", help="windows the klip_z row combines (default: the model's; "
                    "for lopo t:0.1,0.2 ... t:0.9,1 when all are among --windows, else the first)")
-    p.add_argument("--null-conditioning", choices=("auto", "position", "edge", "intensity", "none"), default="auto",
+    p.add_argument("--null-conditioning", choices=CONDITIONING, default="auto",
                    help="with --null lopo (default auto: chosen in each fold from the other patients' lesion-free "
                         "slices by held-out likelihood)")
     p.add_argument("--out", required=True, help="results folder (resumable)")

@@ -8,8 +8,8 @@ same sampler settings. It needs no out-of-distribution data. It turns a block ma
 - **z-scores**: the log block density standardised against comparable ID blocks: at the same
   place (``"position"``: the excess KL over what the operator and the usual anatomy produce
   there, e.g. sparse-view CT's radial bump or the skull edge), at the same distance to the body
-  edge (``"edge"``), of the same posterior-mean brightness (``"intensity"``), or all of them
-  (``"none"``). ``"auto"`` (the default) picks among position / edge / none the family that
+  edge (``"edge"``), of the same amount of anatomy (posterior-mean block std, ``"texture"``), of
+  the same posterior-mean brightness (``"intensity"``), or all of them (``"none"``). ``"auto"`` (the default) picks among position / edge / none the family that
   predicts held-out ID blocks best: a choice made with ID data only. Several windows are combined
   into one z-score (Stouffer, with the spread of the sum measured on ID data);
 - **p-values**: the fraction of ID blocks whose z-score is at least as high,
@@ -66,25 +66,35 @@ def log_density(densities: np.ndarray) -> np.ndarray:
     return np.log(d + DENSITY_FLOOR)
 
 
-CONDITIONING = ("auto", "position", "edge", "intensity", "none")
+CONDITIONING = ("auto", "position", "edge", "texture", "intensity", "none")
 """Null families. ``auto`` picks among :data:`AUTO_FAMILIES` by held-out ID likelihood."""
 AUTO_FAMILIES = ("none", "position", "edge")
 """What ``auto`` chooses from: covariates a lesion inside the body cannot change (its place, its
 distance to the body edge). Brightness is left out: a lesion changes it, so conditioning on it
 explains the lesion away (it fits healthy KL best and localises worst; docs/research-log.md)."""
-COVARIATE = {"intensity": "intensity", "edge": "edge_distance"}
-BINS = {"intensity": 10, "edge": 8}
+COVARIATE = {"intensity": "intensity", "edge": "edge_distance", "texture": "texture"}
+BINS = {"intensity": 10, "edge": 8, "texture": 8}
+
+
+def block_texture(image: np.ndarray, block_size: int) -> np.ndarray:
+    """Standard deviation of the pixels of each block, (gh, gw), the same tiling as
+    :func:`block_intensity` (how much anatomy a block holds: edges and texture raise it)."""
+    from klip_med.score.blocks import block_to_pixels
+
+    image = np.asarray(image, dtype=np.float64)
+    deviation = image - block_to_pixels(block_intensity(image, block_size), block_size, image.shape)
+    return np.sqrt(np.asarray(block_intensity(deviation**2, block_size), dtype=np.float64))
 
 
 def block_covariates(mean_image: np.ndarray, body_mask: np.ndarray, block_size: int) -> dict[str, np.ndarray]:
     """Per-block covariates of one reconstruction, each (gh, gw): ``intensity`` (posterior-mean block
-    mean, prior units) and ``edge_distance`` (block mean of the distance to the body edge, pixels;
-    0 outside the body)."""
+    mean, prior units), ``texture`` (posterior-mean block std, prior units) and ``edge_distance``
+    (block mean of the distance to the body edge, pixels; 0 outside the body)."""
     from scipy import ndimage
 
     body = np.asarray(body_mask, dtype=bool)
     expect(body.shape == np.shape(mean_image), "body_mask", f"the image's shape {np.shape(mean_image)}", body.shape)
-    return {"intensity": block_intensity(mean_image, block_size),
+    return {"intensity": block_intensity(mean_image, block_size), "texture": block_texture(mean_image, block_size),
             "edge_distance": block_intensity(ndimage.distance_transform_edt(body), block_size)}
 
 
@@ -214,11 +224,12 @@ class NullModel:
         conditioning: what a block is compared with: ``position`` (the same block of the ID images:
             removes what the operator and the typical anatomy produce at that place, e.g. the radial
             bump of sparse-view CT or the skull edge), ``edge`` (ID blocks at the same distance to
-            the body edge), ``intensity`` (ID blocks of the same posterior-mean brightness) or
-            ``none`` (all ID blocks).
+            the body edge), ``texture`` (ID blocks holding as much anatomy: posterior-mean block
+            std), ``intensity`` (ID blocks of the same posterior-mean brightness) or ``none`` (all
+            ID blocks).
         mean, std: log-density statistics per window: (W, gh, gw) for ``position``, (W, n_bins)
-            for ``edge`` / ``intensity``, (W, 1) for ``none``.
-        edges: (n_bins - 1,) bin edges of the covariate (empty unless ``edge`` / ``intensity``).
+            for ``edge`` / ``texture`` / ``intensity``, (W, 1) for ``none``.
+        edges: (n_bins - 1,) bin edges of the covariate (empty for ``position`` / ``none``).
         scale: spread of the summed window z-scores over ID blocks.
         reference_z: (n_ref,) sorted combined z-scores of the ID blocks, each computed with its own
             group (patient) left out (what p-values are counted against).
@@ -253,19 +264,19 @@ class NullModel:
         Args:
             densities: per image, (W, gh, gw) block densities of the W windows, or (gh, gw) for one
                 window (nats per pixel).
-            covariates: per image, :func:`block_covariates` (``intensity``, ``edge_distance``; only
-                the one the conditioning bins on is needed).
+            covariates: per image, :func:`block_covariates` (``intensity``, ``texture``,
+                ``edge_distance``; only the one the conditioning bins on is needed).
             insides: per image, (gh, gw) bool blocks inside the body.
             conditions: see :attr:`conditions` (JSON-able).
             source: description of the ID images.
             conditioning: ``auto`` (the family among :data:`AUTO_FAMILIES` with the highest held-out
                 log-likelihood of the ID blocks, leaving one group out at a time; uses no OOD data),
-                ``position``, ``edge``, ``intensity`` or ``none``.
+                ``position``, ``edge``, ``texture``, ``intensity`` or ``none``.
             groups: group of each image (e.g. the patient; default, or when all images share one
                 group: each image alone). ``auto`` leaves one group out to choose the family, and
                 the reference z-scores are each computed with their group left out, so that
                 p-values include the spread between groups that a new patient brings.
-            n_bins: covariate bins (default 8 for ``edge``, 10 for ``intensity``).
+            n_bins: covariate bins (default 8 for ``edge`` and ``texture``, 10 for ``intensity``).
             shrinkage: pseudo-observations of the global statistics per position (``position``).
         """
         expect(conditioning in CONDITIONING, "conditioning", f"one of {CONDITIONING}", conditioning)
@@ -389,7 +400,7 @@ class NullModel:
         m = arrays["mean"]
         binned = m.ndim == 2 and m.shape[1:] == (arrays["edges"].size + 1,)
         want = {"position": m.ndim == 3, "none": m.ndim == 2 and m.shape[1:] == (1,), "intensity": binned,
-                "edge": binned}.get(data["conditioning"], False)
+                "edge": binned, "texture": binned}.get(data["conditioning"], False)
         scale = data["scale"]
         ok = (want and arrays["std"].shape == m.shape and arrays["reference_z"].size > 0
               and all(np.isfinite(a).all() for a in arrays.values()) and bool((arrays["std"] > 0).all())
