@@ -319,9 +319,9 @@ class KLIPReconstruct(Transform):
         reference = prior_argument if named else self.prior.config.name
         return resolve_null(null, reference, self.prior, self.physics, self.settings)
 
-    def _zscores(self, results: list[SliceResult]) -> tuple[np.ndarray, list[float]]:
+    def _zscores(self, results: list[SliceResult]) -> tuple[np.ndarray, list[float | None]]:
         """Block z-scores of each slice on its pixels, (D, h, w) on the prior's grid (0 for blocks
-        outside the body), and each slice's largest in-body z."""
+        outside the body), and each slice's largest in-body z (None: no block inside the body)."""
         from klip_med.calibrate import apply_null
 
         size = int(self.null.conditions["block_size"])
@@ -330,7 +330,7 @@ class KLIPReconstruct(Transform):
             z, _ = apply_null(self.null, r, self.null_windows)
             inside = blocks_inside_mask(r.body_mask, size).numpy()
             maps.append(block_to_pixels(np.where(inside, z, 0.0), size, self.grid))
-            maxima.append(float(np.max(z[inside], initial=0.0)) if inside.any() else 0.0)
+            maxima.append(float(z[inside].max()) if inside.any() else None)
         return np.stack(maps).astype(np.float32), maxima
 
     # -------------------------------------------------------------- call
@@ -370,7 +370,7 @@ class KLIPReconstruct(Transform):
         return out
 
     def _summary(self, results: list[SliceResult], physics_text: Any,
-                 z_max: Sequence[float] | None = None) -> dict[str, Any]:
+                 z_max: Sequence[float | None] | None = None) -> dict[str, Any]:
         """Per-slice and overall scores; ``z_max``: each slice's largest in-body z (with a null model)."""
         slices = []
         for index, r in enumerate(results):
@@ -382,8 +382,9 @@ class KLIPReconstruct(Transform):
         null: dict[str, Any] = {"null_model": self.null_description}
         if self.null is not None and z_max is not None:
             for entry, value in zip(slices, z_max, strict=True):
-                entry["z_max"] = round(value, 4)
-            null.update(z_max=round(max(z_max), 4), z_threshold={
+                entry["z_max"] = None if value is None else round(value, 4)
+            found = [v for v in z_max if v is not None]
+            null.update(z_max=round(max(found), 4) if found else None, z_threshold={
                 "fpr": Z_THRESHOLD_FPR, "z": round(self.null.z_threshold(Z_THRESHOLD_FPR), 4)})
         return {
             "score_max": max(s["score_max"] for s in slices), **null,
