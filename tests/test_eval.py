@@ -434,7 +434,10 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     assert "localisation_auroc" in results["methods"]["klip[full]"]["vs"]["brightness"]
     for f in ("results.json", "results.md", "results_roc_dataset.png", "results_b8.json", "results_b8.md"):
         assert (out / f).is_file(), f
-    assert "| klip[full] |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "| klip[full] |" in report and "| method | dataset AUROC - posterior_std | dataset AUROC - brightness |" in report
+    diff = results["methods"]["klip[full]"]["vs"]["brightness"]["dataset_auroc"]
+    assert f"{diff['mean']:+.3f}" in report.split("Dataset level, paired differences")[1]
     assert json.loads((out / "results.json").read_text())["benchmark"]["block_size"] == 4
 
     def no_sampling(*args, **kwargs):

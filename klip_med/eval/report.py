@@ -50,6 +50,21 @@ def markdown_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
+def dataset_difference_table(results: Mapping) -> str:
+    """Paired differences of dataset-level AUROC against the reference methods (per-patient
+    bootstrap intervals), one row per method; empty when no method has them."""
+    refs = results.get("references", [])
+    rows = []
+    for name, m in results["methods"].items():
+        cells = [_delta(m.get("vs", {}).get(r, {}).get("dataset_auroc")) if r != name else "-" for r in refs]
+        if any(c not in ("-", "n/a") for c in cells):
+            rows.append("| " + " | ".join([name, *cells]) + " |")
+    if not rows:
+        return ""
+    head = ["method", *(f"dataset AUROC - {r}" for r in refs)]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
 def markdown_report(results: Mapping) -> str:
     """A short markdown page: what was run, on what, and the table."""
     b, c = results["benchmark"], results["counts"]
@@ -75,6 +90,9 @@ def markdown_report(results: Mapping) -> str:
         text.append(f"- null model `{cal['null']}` on this run's {cal['n_images']} lesion-free images "
                     f"({cal['n_blocks']} in-body blocks), false-positive rate per block: {rates}")
     text += ["", markdown_table(results), ""]
+    differences = dataset_difference_table(results)
+    if differences:
+        text += ["Dataset level, paired differences (same images, per-patient bootstrap):", "", differences, ""]
     return "\n".join(text)
 
 
