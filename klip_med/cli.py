@@ -327,8 +327,8 @@ def _add_demo_and_run(sub) -> None:
     group = _add_sampler_flags(run, RUN_DEFAULTS)
     group.add_argument("--window", action="append",
                        help="KLIP window, repeatable: full | t:A,B (diffusion time t/T) | sigma:A,B "
-                            "(the first one is the headline map in nats; default t:0.1,1 then t:0.1,0.2 ... "
-                            "t:0.9,1, the windows the shipped null models combine)")
+                            "(the first one is the headline map in nats; default t:0.1,1 (full with --sampler dps) "
+                            "then t:0.1,0.2 ... t:0.9,1, the windows the shipped null models combine)")
     group.add_argument("--block", type=int,
                        help=f"block side in working-grid pixels (default {RUN_DEFAULTS['block_size']})")
     run.add_argument("--slice-batch", type=int, default=1,

@@ -225,3 +225,5 @@ def test_default_windows_keep_the_ones_holding_steps():
     assert [w.label for w in many] == list(RUN_WINDOWS) and len(CALIBRATED_WINDOWS) == 9
     few = default_windows(prior, KLIPSettings(steps=3))
     assert 1 <= len(few) < len(RUN_WINDOWS) and few[0].label == "t:0.1,1"
+    dps = default_windows(prior, KLIPSettings(steps=50, sampler="dps"))  # DPS: its signal is in the last 10%
+    assert [w.label for w in dps] == ["full", *CALIBRATED_WINDOWS]

@@ -188,8 +188,8 @@ class KLIPReconstruct(Transform):
             :class:`klip_med.pipeline.KLIPSettings`.
         windows: KLIP windows: spec strings (``"full"``, ``"t:a,b"``, ``"sigma:a,b"``) or
             :class:`klip_med.score.Window`; the first one is the headline map. None (default): those
-            of ``klip-med run`` (:func:`klip_med.pipeline.default_windows`: ``t:0.1,1`` and the
-            nine calibrated tenths), so a shipped null model applies.
+            of ``klip-med run`` (:func:`klip_med.pipeline.default_windows`: ``t:0.1,1``, or ``full``
+            for DPS, and the nine calibrated tenths), so a shipped null model applies.
         null: the null model behind ``klip_z`` (:mod:`klip_med.score.null`): ``"auto"`` (default:
             the one shipped with the prior for this physics spec, sampler settings, windows and
             block size, if any), ``"none"``, or a JSON file from ``klip-med calibrate`` (checked
