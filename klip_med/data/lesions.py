@@ -219,13 +219,18 @@ def soft_tissue_mask_ct(
     return (smooth >= float(hu_range[0])) & (smooth < float(hu_range[1]))
 
 
+def _inner_distance_mm(region: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """(H, W) distance (mm) of each pixel of ``region`` to the region's edge or the image border (0 outside)."""
+    return distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1]
+
+
 def largest_inscribed_radius_mm(region: np.ndarray, pixel_spacing_mm: float | tuple[float, float]) -> float:
     """Largest distance (mm) from a pixel of ``region`` to its edge or the image border; 0 if empty."""
     spacing = _check_spacing(pixel_spacing_mm)
     region = np.asarray(region, dtype=bool)
     if not region.any():
         return 0.0
-    return float(distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1].max())
+    return float(_inner_distance_mm(region, spacing).max())
 
 
 def body_mask_mr(image: np.ndarray, intensity_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -255,7 +260,7 @@ def _place(
         expect(bool(region.any()), name, "at least one True pixel", "none (pass centre or placement_mask)")
     else:
         region, name = _check_mask(placement_mask, shape), "placement_mask"
-    distance = distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1]
+    distance = _inner_distance_mm(region, spacing)
     rows, cols = np.nonzero(distance > reach_mm)
     expect(
         rows.size > 0, name,

@@ -150,7 +150,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
             file gives the row for its own block size only.
         null_windows: the windows it combines (default: the model file's; for ``lopo``
             :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
-        null_conditioning: for ``"lopo"`` (``auto``, ``position``, ``edge``, ``intensity`` or ``none``).
+        null_conditioning: for ``"lopo"``, one of :data:`klip_med.score.null.CONDITIONING`.
         ct_lesions: inserted CT lesion design, ``soft-tissue`` or ``body``
             (:mod:`klip_med.eval.selection`, rule 5).
 
