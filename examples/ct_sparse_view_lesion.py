@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lesion-seed", type=int, default=2026, help="lesion placement / texture seed")
     parser.add_argument("--samples", type=int, default=2, help="posterior samples")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps (fast sampler)")
-    parser.add_argument("--block", type=int, default=8, help="block side, pixels")
+    parser.add_argument("--block-size", type=int, default=8, help="block side, pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     lesion = resample_inplane(inserted.mask.astype(np.float32), size) >= 0.5
     truth = prior.config.intensity.to_model(hu)
     physics = f"ct-sparse:views={args.views},noise={args.noise:g}"
-    settings = KLIPSettings(samples=args.samples, steps=args.steps, block_size=args.block, seed=args.seed)
+    settings = KLIPSettings(samples=args.samples, steps=args.steps, block_size=args.block_size, seed=args.seed)
     result, _ = reconstruct_image(prior, torch.as_tensor(truth), physics, settings, device=args.device)
 
     klip = result.klip[0].numpy()
     fbp, mean, std = result.baseline.numpy(), result.recon_mean.numpy(), result.recon_std.numpy()
     body, inside = result.body_mask.numpy(), result.inside.numpy()
-    labels = lesion_blocks(lesion, args.block)
+    labels = lesion_blocks(lesion, args.block_size)
     k_in, k_out = klip[lesion].mean(), klip[body & ~lesion].mean()
 
     print(f"case            {CASE.name}/ct_slice.dcm + lesion {inserted.lesion.diameter_mm:.0f} mm, "
@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> None:
           "(prior units, range 2)")
     print(f"mean KLIP       {k_in:.4g} in the lesion, {k_out:.4g} in the rest of the body "
           f"(nats/pixel, ratio {k_in / max(k_out, 1e-30):.2f})")
-    print(f"blocks          {int(inside.sum())} {args.block}x{args.block} blocks inside the body, "
+    print(f"blocks          {int(inside.sum())} {args.block_size}x{args.block_size} blocks inside the body, "
           f"{int(labels[inside].sum())} overlap the lesion")
-    auc = {"KLIP": block_auroc(klip, labels, inside, args.block),
-           "posterior std": block_auroc(std, labels, inside, args.block),
-           "FBP darkness": block_auroc(-fbp, labels, inside, args.block)}
+    auc = {"KLIP": block_auroc(klip, labels, inside, args.block_size),
+           "posterior std": block_auroc(std, labels, inside, args.block_size),
+           "FBP darkness": block_auroc(-fbp, labels, inside, args.block_size)}
     print("AUROC           " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items())
           + (" (1 sample: std is 0)" if args.samples == 1 else ""))
 

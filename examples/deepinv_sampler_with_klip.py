@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from klip_med import priors
+from klip_med.data.masks import body_mask
 from klip_med.physics import baseline_reconstruction, parse_physics
 from klip_med.pipeline import parse_window
 from klip_med.sampling.deepinv_adapter import deepinv_dps
 from klip_med.score import KLIPAccumulator
-from klip_med.score.blocks import blocks_inside_mask, body_mask_from_image, image_score, pool_blocks
+from klip_med.score.blocks import blocks_inside_mask, image_score, pool_blocks
 
 CASE = Path(__file__).resolve().parents[1] / "klip_med" / "cases" / "lgg_flair_demo.npz"
 PRIOR = "mri-brain-flair-128"
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1, help="posterior samples")
     parser.add_argument("--steps", type=int, default=20, help="deepinv solver steps (each backprops)")
     parser.add_argument("--weight", type=float, default=1.0, help="deepinv DPS guidance weight")
-    parser.add_argument("--block", type=int, default=8, help="block side, pixels")
+    parser.add_argument("--block-size", type=int, default=8, help="block side, pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -80,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     zero_filled = baseline_reconstruction(physics, y).detach().cpu().reshape(shape)[0]
     # the body mask from the zero-filled image: with few steps and weak guidance the DPS sample
     # may be too noisy for a body mask (the pipeline takes it from the posterior mean)
-    body = body_mask_from_image(zero_filled)
-    inside = blocks_inside_mask(body, args.block)
+    body = body_mask(zero_filled)
+    inside = blocks_inside_mask(body, args.block_size)
     if not bool(inside.any()):
         inside = torch.ones_like(inside)
-    score = image_score(pool_blocks(klip[0], args.block), inside)
+    score = image_score(pool_blocks(klip[0], args.block_size), inside)
 
     def residual(x: torch.Tensor) -> float:
         r = physics(x.reshape(1, *shape).to(args.device)) - y
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     body_np, klip_np = body.numpy(), klip.numpy()
     print(f"sampler         deepinv.sampling.DPS (weight {args.weight:g}, {args.steps} steps, "
           f"{args.samples} sample{'s' if args.samples > 1 else ''}) on {PRIOR}, physics {args.physics}")
-    print(f"image score     {score.max:.4g} nats/pixel (max {args.block}x{args.block} block density inside the body)")
+    print(f"image score     {score.max:.4g} nats/pixel (max {args.block_size}x{args.block_size} block density inside the body)")
     for i, name in enumerate(WINDOWS):
         print(f"window {name:<9} {maps.metadata()['steps_per_window'][i]:>3} steps, total "
               f"{float(klip[i].sum()):.4g} nats, tumour {klip_np[i][tumour].mean():.4g} vs rest of head "

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--physics", default="mri:accel=4,center=0.08,noise=0.01")
     parser.add_argument("--samples", type=int, default=2, help="posterior samples")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps (fast sampler)")
-    parser.add_argument("--block", type=int, default=8, help="block side, pixels")
+    parser.add_argument("--block-size", type=int, default=8, help="block side, pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         flair, tumour, scale = case["flair"], case["mask"].astype(bool), float(case["volume_mr_scale"])
     truth = prior.config.intensity.to_model(flair.astype(np.float32), scale)  # prior units, [-1, 1]
     windows = tuple(parse_window(w, prior.alphas_cumprod) for w in WINDOWS)
-    settings = KLIPSettings(samples=args.samples, steps=args.steps, windows=windows, block_size=args.block,
+    settings = KLIPSettings(samples=args.samples, steps=args.steps, windows=windows, block_size=args.block_size,
                             seed=args.seed)
     result, _ = reconstruct_image(prior, torch.as_tensor(truth), args.physics, settings, device=args.device)
 
@@ -69,25 +69,25 @@ def main(argv: list[str] | None = None) -> None:
     std = result.recon_std.numpy()
     body = result.body_mask.numpy()
     inside = result.inside.numpy()
-    labels = lesion_blocks(tumour, args.block)
+    labels = lesion_blocks(tumour, args.block_size)
     n_pos = int(labels[inside].sum())
 
     print(f"case            {CASE.name} (TCGA-LGG, held out), tumour {int(tumour.sum())} pixels")
     print(f"prior / physics {PRIOR} / {args.physics}, {args.samples} samples x {args.steps} steps")
-    print(f"blocks          {int(inside.sum())} {args.block}x{args.block} blocks inside the body, "
+    print(f"blocks          {int(inside.sum())} {args.block_size}x{args.block_size} blocks inside the body, "
           f"{n_pos} overlap the tumour")
     print(f"{'window':<10} {'steps':>5} {'KLIP in':>9} {'KLIP out':>9} {'ratio':>6} {'AUROC':>6}")
     steps_per_window = result.metadata["klip"].get("steps_per_window", [None] * len(WINDOWS))
     rows = []
     for i, name in enumerate(WINDOWS):
         k_in, k_out = klip[i][tumour].mean(), klip[i][body & ~tumour].mean()
-        auc = block_auroc(klip[i], labels, inside, args.block)
+        auc = block_auroc(klip[i], labels, inside, args.block_size)
         rows.append((name, k_in, k_out, auc))
         n = steps_per_window[i] if i < len(steps_per_window) else None
         print(f"{name:<10} {'' if n is None else n:>5} {k_in:9.4g} {k_out:9.4g} {k_in / max(k_out, 1e-30):6.2f} "
               f"{auc:6.3f}")
-    auc_std = block_auroc(std, labels, inside, args.block)
-    auc_bright = block_auroc(zero_filled, labels, inside, args.block)
+    auc_std = block_auroc(std, labels, inside, args.block_size)
+    auc_bright = block_auroc(zero_filled, labels, inside, args.block_size)
     print(f"baselines       AUROC posterior std {auc_std:.3f}"
           f"{' (1 sample: std is 0)' if args.samples == 1 else ''}, zero-filled brightness {auc_bright:.3f}")
 

@@ -4,7 +4,7 @@ Reads the per-slice cache of a ``klip-med eval`` run (maps per pixel, so nothing
 again) and scores variants of the KLIP map at block level, next to posterior std and brightness:
 
 - ``raw``: the block density of each window (and of unions of the fine windows: KL adds over steps);
-- ``z_pos``: :class:`klip_med.score.null.NullModel` with ``position`` conditioning (log density
+- ``z_pos``: :class:`klip_med.calibration.NullModel` with ``position`` conditioning (log density
   z-scored against the same block of the in-distribution (ID) images);
 - ``z_int``: the same with ``intensity`` conditioning (bins of posterior-mean block intensity);
 - ``z_int_edge``: the same, bins of (intensity, distance to the body edge);
@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from klip_med.calibration.null_model import NullModel
 from klip_med.eval.cache import read_slice
 from klip_med.eval.metrics import lesion_blocks, localisation, patient_bootstrap
-from klip_med.eval.summary import _inside, block_maps
 from klip_med.eval.nulls import cached_blocks as null_blocks
+from klip_med.eval.summary import _inside, block_maps
 from klip_med.pipeline import CALIBRATED_WINDOWS
-from klip_med.score.null import NullModel
 
 EPS = 1e-12
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from klip_med.analytic import SIZE, make_case
+from klip_med.priors.gaussian_case import SIZE, make_case
 from klip_med.sampling import DDSSampler, DPSSampler, ScoreGuidedSampler
 from klip_med.sampling.deepinv_adapter import deepinv_dps
 from klip_med.score import KLIPAccumulator

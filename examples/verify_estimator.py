@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from klip_med.analytic import BLOCK, SIZE, make_case
+from klip_med.priors.gaussian_case import BLOCK, SIZE, make_case
 from klip_med.sampling import DDSSampler, DPSSampler, ScoreGuidedSampler
 from klip_med.score import FULL, KLIPAccumulator, Window, blocks_inside_mask, image_score, pool_blocks
 

@@ -163,8 +163,8 @@ def test_cuda_bench_with_bf16_and_compile(tiny_prior, tmp_path):
 def test_sampler_loop_does_not_synchronise_with_the_host(tiny_prior, sampler):
     """After the first step, any host sync in the sampler or the accumulator raises."""
     from klip_med import priors
-    from klip_med.bench.runs import make_sampler
     from klip_med.physics import parse_physics
+    from klip_med.pipeline import KLIPSettings, make_sampler
     from klip_med.score import KLIPAccumulator
 
     prior = priors.load(tiny_prior, device="cuda")
@@ -177,7 +177,7 @@ def test_sampler_loop_does_not_synchronise_with_the_host(tiny_prior, sampler):
             torch.cuda.set_sync_debug_mode("error")
 
     try:
-        make_sampler(prior, sampler, 5).sample(y, physics, 2, (1, SIZE, SIZE), gen,
+        make_sampler(prior, KLIPSettings(steps=5, sampler=sampler)).sample(y, physics, 2, (1, SIZE, SIZE), gen,
                                                observers=[KLIPAccumulator(), strict_from_now_on])
     finally:
         torch.cuda.set_sync_debug_mode("default")

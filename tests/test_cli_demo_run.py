@@ -15,15 +15,15 @@ import pydicom
 import pytest
 import torch
 
-from klip_med import cli
+from klip_med.cli import common as cli
 from klip_med.cli import main
 from klip_med.data.phantom import ct_phantom
 from klip_med.io import Volume, read_dicom_series, read_parametric_map, read_seg, validate, write_nifti
+from klip_med.io.inputs import read_input
 from klip_med.pipeline import KLIPSettings
 from klip_med.priors.config import PriorConfig, default_architecture, default_schedule
 from klip_med.priors.diffusion import DiffusionPrior, save_prior_dir
 from klip_med.priors.intensity import ABDOMEN_WINDOW
-from klip_med.run import read_input
 
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 TINY = ["--samples", "1", "--steps", "2", "--no-progress"]
@@ -123,12 +123,12 @@ def test_demo_writes_every_output(case, tmp_path, capsys):
 
 
 def test_run_interrupted_resumes_to_the_same_outputs(tiny_ct_prior, ct_nifti, tmp_path, monkeypatch, capsys):
-    import klip_med.run as run_module
+    import klip_med.pipeline.volume as run_module
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(_run_args(ct_nifti, tiny_ct_prior, whole)) == 0
 
-    save = run_module._save_slice
+    save = run_module.save_slice
     calls = []
 
     def save_then_stop(path, k, result):
@@ -136,14 +136,14 @@ def test_run_interrupted_resumes_to_the_same_outputs(tiny_ct_prior, ct_nifti, tm
         calls.append(k)
         raise KeyboardInterrupt  # the user presses Ctrl-C right after the first slice is saved
 
-    monkeypatch.setattr(run_module, "_save_slice", save_then_stop)
+    monkeypatch.setattr(run_module, "save_slice", save_then_stop)
     assert main(_run_args(ct_nifti, tiny_ct_prior, resumed)) == 130
     assert calls == [0]
     assert sorted(p.name for p in (resumed / "slices").iterdir()) == ["run.json", "slice_00000.npz"]
     assert not (resumed / "summary.json").exists()
     first = (resumed / "slices" / "slice_00000.npz").read_bytes()
 
-    monkeypatch.setattr(run_module, "_save_slice", save)
+    monkeypatch.setattr(run_module, "save_slice", save)
     assert main(_run_args(ct_nifti, tiny_ct_prior, resumed)) == 0
     assert (resumed / "slices" / "slice_00000.npz").read_bytes() == first  # finished slice skipped
     for name in ("recon.nii.gz", "klip.nii.gz"):
@@ -168,7 +168,7 @@ def test_run_interrupted_resumes_to_the_same_outputs(tiny_ct_prior, ct_nifti, tm
 
 def test_run_dicom_series_writes_dicom_objects(tiny_ct_prior, tmp_path):
     out = tmp_path / "out"
-    args = _run_args(CT5N, tiny_ct_prior, out, "--slice-batch", "2", "--window", "full", "--window", "t:0.3,1")
+    args = _run_args(CT5N, tiny_ct_prior, out, "--slice-batch", "2", "--windows", "full", "t:0.3,1")
     assert main(args) == 0
     source = read_dicom_series(CT5N)
     summary = json.loads((out / "summary.json").read_text())
@@ -213,7 +213,7 @@ def test_npz_input_conventions(tmp_path):
         ({"--physics": "ct-sparse:views=many"}, r"--physics: .*views.* expected an integer >= 1, found 'many'"),
         ({"--physics": "xray:dose=1"}, r"--physics: .*expected a kind among"),
         ({"--out": "a_file.txt"}, r"--out: expected a folder .* found a file"),
-        ({"--window": "t:0.5"}, r"--window: expected"),
+        ({"--windows": "t:0.5"}, r"--windows: expected"),
         ({"--threshold": "high"}, r"--threshold: expected"),
         ({"--samples": "0"}, r"samples: expected a positive integer, found 0"),
     ],
@@ -245,6 +245,39 @@ def test_demo_mistakes_and_help(tmp_path, capsys):
     assert "demo" in text and "run" in text and "Exit" in text
 
 
+@pytest.mark.parametrize("command", ["demo", "run", "calibrate", "eval", "bench"])
+def test_shared_flags_are_spelled_the_same_in_every_sampling_command(command):
+    from klip_med.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    assert {"--samples", "--steps", "--sampler", "--seed", "--normalization", "--zeta", "--windows",
+            "--block-size", "--device"} <= flags, sorted(flags)
+
+
+@pytest.mark.parametrize(("old", "new", "value", "dest", "expected"), [
+    (["--block", "16"], "--block-size", "16", "block_size", 16),
+    (["--window", "full", "--window", "t:0.3,1"], "--windows", None, "windows", ["full", "t:0.3,1"]),
+])
+def test_old_flag_spellings_work_with_a_deprecation_line(old, new, value, dest, expected, capsys):
+    from klip_med.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--input", "x", "--physics", "mri:accel=4", "--prior", "p",
+                                      "--out", "o", *old])
+    assert getattr(args, dest) == expected
+    err = capsys.readouterr().err
+    assert f"{old[0]} is deprecated; use {new}" in err
+
+
+def test_eval_block_sizes_old_spelling_and_list(capsys):
+    from klip_med.cli import build_parser
+
+    base = ["eval", "--manifest", "m.json", "--prior", "p", "--physics", "mri:accel=4", "--out", "o"]
+    assert build_parser().parse_args([*base, "--block-size", "4,8"]).block_size == [4, 8]
+    assert build_parser().parse_args([*base, "--block-sizes", "8,16"]).block_size == [8, 16]
+    assert "--block-sizes is deprecated; use --block-size" in capsys.readouterr().err
+
+
 def test_help_defaults_match_the_library():
     defaults = KLIPSettings()
     for key, value in cli.RUN_DEFAULTS.items():
@@ -253,7 +286,7 @@ def test_help_defaults_match_the_library():
 
 
 def test_internal_errors_exit_1_with_traceback(monkeypatch, capsys, tiny_ct_prior, ct_nifti, tmp_path):
-    import klip_med.run as run_module
+    import klip_med.pipeline.volume as run_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -271,7 +304,7 @@ def test_calibrate_then_run_with_a_null_model(tiny_ct_prior, ct_nifti, tmp_path,
     """`klip-med calibrate` on the prior's own samples, then `run --null`: z-scores, p-values and a
     SEG thresholded at a false-positive rate; a null fitted under other physics is refused."""
     null_path = tmp_path / "null.json"
-    flags = ["--samples", "1", "--steps", "2", "--block", "8", "--window", "full"]
+    flags = ["--samples", "1", "--steps", "2", "--block-size", "8", "--windows", "full"]
     assert main(["calibrate", "--prior", str(tiny_ct_prior), "--physics", "ct-sparse:views=20,noise=0.5",
                  "--prior-samples", "6", "--out", str(null_path), *flags]) == 0
     assert "wrote" in capsys.readouterr().out

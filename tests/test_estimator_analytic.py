@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from klip_med.analytic import BLOCK, SIZE, make_case, on_schedule
 
+from klip_med.priors.gaussian_case import BLOCK, SIZE, make_case, on_schedule
 from klip_med.sampling import DPSSampler, ScoreGuidedSampler
 from klip_med.score import KLIPAccumulator, pool_blocks
 

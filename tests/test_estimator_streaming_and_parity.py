@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from klip_med.analytic import SIZE, make_case
+from klip_med.priors.gaussian_case import SIZE, make_case
 from klip_med.sampling import DPSSampler
 from klip_med.score import KLIPAccumulator, TrajectoryRecorder, Window, pool_blocks
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from klip_med.data.masks import body_mask
 from klip_med.errors import KLIPMedError
 from klip_med.sampling import linear_beta_alphas_cumprod
 from klip_med.score import (
@@ -15,7 +16,6 @@ from klip_med.score import (
     StepEvent,
     Window,
     blocks_inside_mask,
-    body_mask_from_image,
     check_windows_cover_steps,
     image_score,
     klip_pixel_map,
@@ -203,7 +203,7 @@ def test_body_mask_from_reconstruction_fills_dark_interior():
     img[body] = 1.0
     img[(yy - 16) ** 2 + (xx - 16) ** 2 < 3**2] = 0.0  # a dark ventricle inside
     img[0, 0] = 1.0  # a speck of noise outside
-    mask = body_mask_from_image(img)
+    mask = body_mask(img)
     assert torch.equal(mask, body)
 
 

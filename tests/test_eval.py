@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from klip_med.cli.eval import add_parser as add_eval_parser
 from klip_med.data.lesions import insert_flair_lesion, soft_tissue_mask_ct
 from klip_med.data.manifest import file_sha256, read_manifest
 from klip_med.data.phantom import ct_phantom, mr_phantom
+from klip_med.data.selection import select_slices, slice_seed
 from klip_med.errors import KLIPMedError
 from klip_med.eval import baselines as bl
 from klip_med.eval import metrics as mt
 from klip_med.eval.cache import read_slice, slice_path
-from klip_med.eval.cli import add_eval_parser
 from klip_med.eval.features import fit_feature_density
 from klip_med.eval.runner import run_benchmark
-from klip_med.eval.selection import select_slices, slice_seed
 from klip_med.physics import parse_physics
 from klip_med.pipeline import KLIPSettings, reconstruct_measurement
 from klip_med.priors.config import PriorConfig, default_architecture, default_schedule
@@ -29,7 +29,6 @@ from klip_med.priors.diffusion import DiffusionPrior
 from klip_med.priors.gaussian import GaussianPrior
 from klip_med.priors.intensity import IntensityRule
 from klip_med.sampling.schedule import linear_beta_alphas_cumprod
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -452,7 +451,8 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     lopo = _run(manifest, root, out, prior, null="lopo", null_windows=["t:0.3,0.6"])
     assert "klip_z[t:0.3,0.6]" in lopo["methods"] and lopo["counts"]["computed_now"] == 0
     assert _without_costs(lopo["methods"])["klip[full]"] == _without_costs(results["methods"])["klip[full]"]
-    from klip_med.calibrate import null_conditions, null_from_eval_run
+    from klip_med.calibration.conditions import null_conditions
+    from klip_med.eval.nulls import null_from_eval_run
     from klip_med.priors.identity import prior_identity
 
     settings = replace(_settings(), windows=_windows(DEFAULT_WINDOWS, prior, 3))
@@ -483,7 +483,7 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # determinism: the first slice computed afresh equals its cached maps bit for bit
-    from klip_med.eval.selection import select_slices as select
+    from klip_med.data.selection import select_slices as select
 
     read = read_manifest(manifest, root)
     first = select(read, "dev", prior, 2, 4, seed=3, min_body_fraction=0.2)[0]
@@ -514,13 +514,13 @@ def test_eval_parser_registers_every_option():
     args = parser.parse_args(["eval", "--manifest", "m.json", "--prior", "p", "--physics", "mri:accel=4",
                               "--split", "test", "--samples", "2", "--steps", "10", "--sampler", "dps",
                               "--max-patients", "2", "--max-slices", "2", "--out", "o", "--seed", "1",
-                              "--device", "cpu", "--block-sizes", "4,8", "--skip", "eigenscore"])
-    assert args.split == "test" and args.block_sizes == [4, 8] and args.skip == ["eigenscore"]
+                              "--device", "cpu", "--block-size", "4,8", "--skip", "eigenscore"])
+    assert args.split == "test" and args.block_size == [4, 8] and args.skip == ["eigenscore"]
     assert args.max_patients == 2 and args.max_slices == 2 and callable(args.run)
 
 
 def test_roc_figure_draws_the_headline_rows_and_every_baseline(tmp_path):
-    from klip_med.eval.report import _shown_in_figure, roc_figure
+    from klip_med.eval.results import _shown_in_figure, roc_figure
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 50)

@@ -25,6 +25,7 @@ from klip_med.io import (
     read_parametric_map,
     read_seg,
     seg_label_values,
+    validate,
     write_derived_series,
     write_figure,
     write_fractional_seg,
@@ -34,8 +35,7 @@ from klip_med.io import (
     write_secondary_captures,
     write_seg,
 )
-from klip_med.io import validate
-from klip_med.io.secondary_capture import display_window
+from klip_med.io.dicom.secondary_capture import display_window
 
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 SOURCES = {
@@ -54,7 +54,7 @@ def _digest(p: Path) -> dict[str, str]:
 
 
 def assert_dciodvfy_clean(path: Path, source: Path | None = None) -> None:
-    """No dciodvfy errors; warnings only those accepted in klip_med.io.validate (with reasons).
+    """No dciodvfy errors; warnings only those accepted in klip_med.io.dicom.validate (with reasons).
 
     Warnings accepted as inherited from the source header must also be reported for the source.
     """

@@ -139,7 +139,8 @@ def test_compose_with_scale_intensity_range_on_a_2d_image(tmp_path, tiny_prior):
 def test_array_transform_on_a_plain_tensor(tiny_prior):
     image = torch.rand(1, 12, 20, generator=torch.Generator().manual_seed(1)) * 300
     before = image.clone()
-    out = KLIPReconstruct(tiny_prior, SPEC, windows=("full", "t:0.5,1"), all_windows=True, **FAST)(image)
+    transform = KLIPReconstruct(tiny_prior, SPEC, windows=("full", "t:0.5,1"), all_windows=True, **FAST)
+    out = transform.outputs(image)
     assert set(out) == {"recon", "klip", "std"}
     assert out["recon"].shape == out["std"].shape == (1, 12, 20)
     assert out["klip"].shape == (2, 12, 20)  # one channel per window
@@ -151,15 +152,26 @@ def test_array_transform_on_a_plain_tensor(tiny_prior):
     assert float(out["std"].min()) >= 0
     torch.testing.assert_close(image, before, rtol=0, atol=0)  # input never modified
 
+    stacked = transform(image)  # MONAI array style: one tensor, the outputs as named channels
+    assert isinstance(stacked, MetaTensor) and stacked.shape == (4, 12, 20) and stacked.dtype == torch.float32
+    meta = stacked.meta["klip"]
+    assert meta["channels"] == ["recon", "std", "klip[full]", "klip[t:0.5,1]"]
+    assert meta["units"]["recon"] == out["recon"].meta["klip"]["units"]
+    assert meta["units"]["klip[full]"] == out["klip"].meta["klip"]["units"]
+    torch.testing.assert_close(stacked[0], out["recon"][0].as_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(stacked[1], out["std"][0].as_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(stacked[2:], out["klip"].as_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(stacked.affine, out["recon"].affine)
+
 
 def test_slices_are_shown_to_the_prior_in_its_orientation(tiny_prior):
     """A slice stored transposed, with an affine saying so, gives exactly the transposed outputs."""
     image = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(2)) * 300
     transform = KLIPReconstruct(tiny_prior, SPEC, **FAST)
-    plain = transform(image)  # no affine: rows = first axis, as the prior sees it
+    plain = transform.outputs(image)  # no affine: rows = first axis, as the prior sees it
     lps_like = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))  # axes point L, P
     stored = MetaTensor(image.transpose(1, 2).clone(), affine=lps_like)
-    oriented = transform(stored)
+    oriented = transform.outputs(stored)
     assert oriented["klip"].meta["klip"]["orientation"]["transpose"] is True
     for name in ("recon", "klip", "std"):
         torch.testing.assert_close(oriented[name].as_tensor(), plain[name].as_tensor().transpose(1, 2))
@@ -168,21 +180,21 @@ def test_slices_are_shown_to_the_prior_in_its_orientation(tiny_prior):
 def test_measurement_input_matches_the_simulated_case(tiny_prior):
     """measure=False on the y that measure=True simulates gives the same reconstruction."""
     x = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    simulated = KLIPReconstruct(tiny_prior, SPEC, intensity="prior", **FAST)(x)
+    simulated = KLIPReconstruct(tiny_prior, SPEC, intensity="prior", **FAST).outputs(x)
     physics = parse_physics(SPEC, 16, generator=torch.Generator().manual_seed(0))  # as reconstruct_image
     y = physics(x[None])
-    from_y = KLIPReconstruct(tiny_prior, SPEC, measure=False, intensity="prior", **FAST)(y[0])
+    from_y = KLIPReconstruct(tiny_prior, SPEC, measure=False, intensity="prior", **FAST).outputs(y[0])
     torch.testing.assert_close(from_y["recon"].as_tensor(), simulated["recon"].as_tensor())
     torch.testing.assert_close(from_y["klip"].as_tensor(), simulated["klip"].as_tensor())
-    with_operator = KLIPReconstruct(tiny_prior, physics, measure=False, intensity="prior", **FAST)(y)
+    with_operator = KLIPReconstruct(tiny_prior, physics, measure=False, intensity="prior", **FAST).outputs(y)
     torch.testing.assert_close(with_operator["recon"].as_tensor(), simulated["recon"].as_tensor())
 
 
 def test_same_seed_same_outputs_and_another_seed_differs(tiny_prior):
     image = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(4)) * 300
-    first = KLIPReconstruct(tiny_prior, SPEC, seed=7, **FAST)(image)
-    again = KLIPReconstruct(tiny_prior, SPEC, seed=7, **FAST)(image)
-    other = KLIPReconstruct(tiny_prior, SPEC, seed=8, **FAST)(image)
+    first = KLIPReconstruct(tiny_prior, SPEC, seed=7, **FAST).outputs(image)
+    again = KLIPReconstruct(tiny_prior, SPEC, seed=7, **FAST).outputs(image)
+    other = KLIPReconstruct(tiny_prior, SPEC, seed=8, **FAST).outputs(image)
     for name in ("recon", "klip", "std"):
         torch.testing.assert_close(first[name].as_tensor(), again[name].as_tensor(), rtol=0, atol=0)
     assert not torch.equal(first["klip"].as_tensor(), other["klip"].as_tensor())
@@ -195,8 +207,8 @@ def test_physical_units_are_the_prior_rule_applied_to_prior_units(tiny_prior):
                               unet=tiny_prior.unet)
     x = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     hu = torch.from_numpy(rule.to_physical(x.numpy()))
-    in_hu = KLIPReconstruct(ct_prior, "ct-sparse:views=8,noise=0.5", **FAST)(hu)
-    in_prior = KLIPReconstruct(ct_prior, "ct-sparse:views=8,noise=0.5", intensity="prior", **FAST)(x)
+    in_hu = KLIPReconstruct(ct_prior, "ct-sparse:views=8,noise=0.5", **FAST).outputs(hu)
+    in_prior = KLIPReconstruct(ct_prior, "ct-sparse:views=8,noise=0.5", intensity="prior", **FAST).outputs(x)
     assert in_hu["recon"].meta["klip"]["units"] == "HU"
     expected = torch.from_numpy(rule.to_physical(in_prior["recon"].numpy()))
     torch.testing.assert_close(in_hu["recon"].as_tensor(), expected, rtol=1e-4, atol=1e-2)
@@ -232,7 +244,7 @@ def test_bad_physics_spec_raises_at_construction(tiny_prior, spec, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"intensity": "hu"}, r"intensity: expected one of \('physical', 'prior'\), found hu"),
-    ({"windows": ("t:oops",)}, "--window: expected"),
+    ({"windows": ("t:oops",)}, "--windows: expected"),
     ({"samples": 0}, "samples: expected a positive integer"),
     ({"slice_axcodes": "PA"}, "slice_axcodes: expected two axis codes on different axes"),
     ({"mr_scale": -1.0}, "mr_scale: expected a finite number > 0"),
@@ -264,7 +276,7 @@ def test_bad_inputs_raise_naming_the_argument(tiny_prior):
 def test_klip_med_monai_does_not_shadow_monai():
     import monai
 
-    import klip_med.monai.transforms as ours
+    import klip_med.monai.array as ours
 
     assert "klip_med" not in Path(monai.__file__).parts
     assert ours.monai is monai and hasattr(monai.transforms, "MapTransform")
@@ -283,7 +295,7 @@ def test_shipped_mri_prior_on_the_bundled_case():
     image = MetaTensor(torch.from_numpy(stored)[None], affine=affine)
     transform = KLIPReconstruct("mri-brain-flair-128", SPEC, samples=1, steps=3,
                                 mr_scale=float(case["volume_mr_scale"]))
-    out = transform(image)
+    out = transform.outputs(image)
     meta = out["klip"].meta["klip"]
     assert meta["prior"] == "mri-brain-flair-128"
     assert meta["orientation"] == {"transpose": True, "flip_rows": True, "flip_cols": True,
@@ -317,8 +329,9 @@ def test_example_script_runs_and_writes_on_the_source_geometry(tmp_path, capsys)
 def test_null_model_adds_the_klip_z_map_of_klip_med_run(tiny_prior, tmp_path):
     """With a null model the transform returns klip_z: the null's block z-scores on their pixels,
     0 outside the body, exactly those of calibrate.apply_null on the same reconstruction."""
-    from klip_med.calibrate import apply_null, calibrate_images
+    from klip_med.calibration.scoring import apply_null
     from klip_med.pipeline import KLIPSettings, default_windows, reconstruct_image
+    from klip_med.pipeline.calibrate import calibrate_images
     from klip_med.score.blocks import blocks_inside_mask
 
     spec = "mri:accel=2,center=0.25,noise=0.01"
@@ -332,7 +345,7 @@ def test_null_model_adds_the_klip_z_map_of_klip_med_run(tiny_prior, tmp_path):
     path = null.save(tmp_path / "null.json")
     image = torch.from_numpy(heads[6][None])
 
-    out = KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior", null=path)(image)
+    out = KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior", null=path).outputs(image)
     assert set(out) == {"recon", "klip", "std", "klip_z"} and out["klip_z"].shape == (1, 16, 16)
     meta = out["klip_z"].meta["klip"]
     assert meta["null_model"] == str(path) and meta["units"] == "standard deviations"
@@ -347,9 +360,9 @@ def test_null_model_adds_the_klip_z_map_of_klip_med_run(tiny_prior, tmp_path):
     d = KLIPReconstructd("img", tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior",
                          null=path)({"img": image})
     torch.testing.assert_close(d["img_klip_z"].as_tensor(), out["klip_z"].as_tensor())
-    plain = KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior", null="none")(image)
+    plain = KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior", null="none").outputs(image)
     assert "klip_z" not in plain and plain["klip"].meta["klip"]["null_model"] == "none"
-    auto = KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior")(image)
+    auto = KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=4, intensity="prior").outputs(image)
     assert "klip_z" not in auto and auto["klip"].meta["klip"]["null_model"].startswith("none applies")
     with pytest.raises(KLIPMedError, match="block_size"):  # fitted with 4x4 blocks
         KLIPReconstruct(tiny_prior, spec, samples=2, steps=3, block_size=8, intensity="prior", null=path)

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from klip_med.calibrate import calibrate_images, null_conditions, apply_null
+from klip_med.calibration.conditions import null_conditions
+from klip_med.calibration.covariates import block_covariates, block_intensity, block_texture
+from klip_med.calibration.null_model import NullModel
+from klip_med.calibration.scoring import apply_null
 from klip_med.data.phantom import mr_phantom
 from klip_med.errors import KLIPMedError
 from klip_med.pipeline import KLIPSettings, parse_window
-from klip_med.score.null import NullModel, block_covariates, block_intensity, block_texture
+from klip_med.pipeline.calibrate import calibrate_images
 
 GRID = (6, 6)
 

@@ -7,9 +7,9 @@ import deepinv as dinv
 import pytest
 import torch
 
-from klip_med.analytic import SIZE, make_case
 from klip_med.errors import KLIPMedError
 from klip_med.physics import cartesian_mri
+from klip_med.priors.gaussian_case import SIZE, make_case
 from klip_med.sampling import DDSSampler, DPSSampler, ScoreGuidedSampler
 from klip_med.sampling.deepinv_adapter import EpsilonDenoiser, deepinv_dps
 from klip_med.score import KLIPAccumulator, TrajectoryRecorder

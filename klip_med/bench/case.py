@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from klip_med.bench.settings import BenchSettings, check_image_size
 from klip_med.errors import KLIPMedError
 
-# the demo's operators (klip_med.demo.MRI_PHYSICS / CT_PHYSICS), by prior modality
+# the demo's operators (klip_med.pipeline.demo.MRI_PHYSICS / CT_PHYSICS), by prior modality
 DEFAULT_PHYSICS = {"MR": "mri:accel=4,center=0.08,noise=0.01", "CT": "ct-sparse:views=60,noise=0.5"}
 
 
@@ -111,11 +111,11 @@ def demo_truth(prior, size: int) -> tuple[Tensor, str]:
     (bilinear, antialiased) if ``size`` differs. CT: the bundled abdominal slice (no lesion)
     resampled to the working grid as ``klip-med demo`` does.
     """
-    from klip_med.demo import _case_file
+    from klip_med.pipeline.demo import case_file
 
     rule = prior.config.intensity
     if prior.config.modality == "MR":
-        with np.load(_case_file("lgg_flair_demo.npz")) as data:
+        with np.load(case_file("lgg_flair_demo.npz")) as data:
             model = torch.from_numpy(rule.to_model(data["flair"], float(data["volume_mr_scale"])))
         source = "lgg_flair_demo (TCGA-LGG FLAIR slice with a tumour)"
         if tuple(model.shape) != (size, size):
@@ -125,7 +125,7 @@ def demo_truth(prior, size: int) -> tuple[Tensor, str]:
         return model.clamp(-1.0, 1.0), source
     from klip_med.io import read_dicom_series, working_grid
 
-    volume = read_dicom_series(_case_file("ct_abdomen_demo", "ct_slice.dcm"), derive_missing_uids=True)
+    volume = read_dicom_series(case_file("ct_abdomen_demo", "ct_slice.dcm"), derive_missing_uids=True)
     model = rule.to_model(working_grid(volume, (size, size)).pixels[0])
     return torch.from_numpy(model), f"ct_abdomen_demo (abdominal CT slice, no lesion) on a {size}x{size} grid"
 

@@ -12,8 +12,15 @@ import torch
 from klip_med.bench.case import BenchCase, build_case, posterior_means, psnr_db
 from klip_med.bench.runs import Runner, TrajectoryStore, accumulator_alone, make_windows, relative_difference
 from klip_med.bench.settings import BenchSettings
-from klip_med.bench.timing import HOST_PEAK_METHOD, Clock, environment, host_peak_bytes, load_average, median, \
-    matmul_tflops
+from klip_med.bench.timing import (
+    HOST_PEAK_METHOD,
+    Clock,
+    environment,
+    host_peak_bytes,
+    load_average,
+    matmul_tflops,
+    median,
+)
 
 
 @contextlib.contextmanager
@@ -119,7 +126,7 @@ def _bf16_check(runner: Runner, case: BenchCase, bf16_acc, bf16_means) -> dict[s
         "float32_seconds_per_slice": median(times) / s.batch,
         "klip_block_max_rel_error": relative_difference(b16, f32),
         "klip_block_max_elementwise_rel_error": float(((b16 - f32).abs() / f32.abs())[nonzero].max()),
-        "definition": "block sums of the sample-mean KLIP map, block side --block; max_rel_error = "
+        "definition": "block sums of the sample-mean KLIP map, block side --block-size; max_rel_error = "
                       "max |bf16 - f32| / max |f32|; elementwise over blocks above 0.1% of the max",
     }
     if case.trained:
@@ -204,6 +211,6 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report as JSON, atomically (temp file + rename)."""
-    from klip_med.outputs import write_json
+    from klip_med.io.json_files import write_json
 
     return write_json(Path(path), report)

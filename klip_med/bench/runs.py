@@ -20,18 +20,18 @@ from klip_med.score import KLIPAccumulator, StepEvent
 from klip_med.score.kl import sde_variance
 
 
-def make_sampler(prior, sampler: str, steps: int):
-    """Our sampler as ``klip-med run`` builds it (DDS defaults; DPS with KLIPSettings' zeta)."""
-    from klip_med.pipeline import KLIPSettings
-    from klip_med.sampling import DDSSampler, DPSSampler
+def make_sampler(prior, settings: BenchSettings, steps: int | None = None):
+    """Our sampler as ``klip-med run`` builds it (:func:`klip_med.pipeline.make_sampler`)."""
+    from dataclasses import replace
 
-    if sampler == "fast":
-        return DDSSampler(prior, n_steps=steps)
-    return DPSSampler(prior, n_steps=steps, zeta=KLIPSettings().dps_zeta)
+    from klip_med.pipeline.settings import make_sampler as pipeline_sampler
+
+    klip = settings.klip_settings()
+    return pipeline_sampler(prior, klip if steps is None else replace(klip, steps=steps))
 
 
 def make_windows(specs: Sequence[str], prior) -> list:
-    from klip_med.pipeline import parse_window
+    from klip_med.pipeline.settings import parse_window
 
     return [parse_window(spec, prior.alphas_cumprod) for spec in specs]
 
@@ -63,14 +63,15 @@ class Runner:
 
     def run(self, prior, observers: Sequence = (), steps: int | None = None):
         """One timed sampling run: ``(SampleResult, seconds)``."""
-        sampler = make_sampler(prior, self.settings.sampler, steps or self.settings.steps)
+        sampler = make_sampler(prior, self.settings, steps)
         shape = tuple(prior.image_shape)
         y = self.y_rows()
         return self.clock.time(lambda: sampler.sample(y, self.case.physics, self.rows, shape,
                                                       self.generator(), observers=list(observers)))
 
     def accumulator(self, prior) -> KLIPAccumulator:
-        return KLIPAccumulator(windows=make_windows(self.settings.windows, prior))
+        return KLIPAccumulator(windows=make_windows(self.settings.windows, prior),
+                               normalization=self.settings.normalization)
 
 
 def accumulator_alone(runner: Runner, prior, n_calls: int) -> dict:
@@ -82,7 +83,7 @@ def accumulator_alone(runner: Runner, prior, n_calls: int) -> dict:
     device = runner.settings.device
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (runner.rows, *prior.image_shape)
-    sigmas = make_sampler(prior, runner.settings.sampler, runner.settings.steps).step_sigmas
+    sigmas = make_sampler(prior, runner.settings).step_sigmas
     delta = torch.randn(shape, generator=gen, device=device)
     noise = torch.full((), 0.1, device=device)
     events = [StepEvent(index=k, sigma=sigmas[k % len(sigmas)], noise_std=noise, delta=delta, x=delta,

@@ -53,6 +53,8 @@ class BenchSettings:
         seed: seeds the measurement and every sampling run (same seed for with / without KLIP).
         block_size: block side (pixels) for the bf16-vs-float32 block-map comparison.
         deepinv_weight: deepinv DPS guidance weight (deepinv's default 1.0).
+        normalization: the accumulator's KL normalisation (as ``klip-med run --normalization``).
+        dps_zeta: DPS step size of our DPS sampler (as ``--zeta``).
     """
 
     prior: str
@@ -76,6 +78,8 @@ class BenchSettings:
     seed: int = 0
     block_size: int = 8
     deepinv_weight: float = 1.0
+    normalization: str = "transition"
+    dps_zeta: float = 0.3
 
     def __post_init__(self) -> None:
         expect(self.sampler in SAMPLERS, "--sampler", f"one of {list(SAMPLERS)}", repr(self.sampler))
@@ -85,16 +89,26 @@ class BenchSettings:
         for flag, value, low in (("--samples", self.samples, 1), ("--steps", self.steps, 1),
                                  ("--batch", self.batch, 1), ("--repeats", self.repeats, 1),
                                  ("--warmup", self.warmup, 0), ("--compare-repeats", self.compare_repeats, 1),
-                                 ("--block", self.block_size, 1)):
+                                 ("--block-size", self.block_size, 1)):
             expect(isinstance(value, int) and value >= low, flag, f"an integer >= {low}", repr(value))
         if self.image_size is not None:
             expect(isinstance(self.image_size, int) and self.image_size >= 8, "--image-size",
                    "an integer >= 8", repr(self.image_size))
         expect(self.device == "cpu" or self.device.startswith("cuda"), "--device", "cpu or cuda[:N]",
                repr(self.device))
-        expect(bool(self.windows), "--window", "at least one window", "none")
+        expect(bool(self.windows), "--windows", "at least one window", "none")
+        expect(self.normalization in ("transition", "sde", "paper"), "--normalization",
+               "one of ['transition', 'sde', 'paper']", repr(self.normalization))
         if not isinstance(self.compare, tuple) or any(c not in COMPARISONS for c in self.compare):
             raise KLIPMedError(f"--compare: expected a subset of {list(COMPARISONS)}, found {self.compare!r}")
+
+    def klip_settings(self):
+        """The :class:`klip_med.pipeline.KLIPSettings` of the timed runs (windows parsed later)."""
+        from klip_med.pipeline.settings import KLIPSettings
+
+        return KLIPSettings(samples=self.samples, steps=self.steps, sampler=self.sampler,
+                            block_size=self.block_size, normalization=self.normalization, seed=self.seed,
+                            dps_zeta=self.dps_zeta)
 
     @property
     def compiled(self) -> str | None:

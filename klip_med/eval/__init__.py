@@ -2,11 +2,12 @@
 
 - :mod:`~klip_med.eval.metrics`: dataset-level and localisation AUROC / AUPRC, per-patient bootstrap.
 - :mod:`~klip_med.eval.baselines`: baseline maps from the same sampling run.
-- :mod:`~klip_med.eval.selection`: which slices (ID / OOD, matched per patient).
 - :mod:`~klip_med.eval.runner`: :func:`run_benchmark` (resumable per-slice cache, results files).
-- :mod:`~klip_med.eval.summary`, :mod:`~klip_med.eval.report`, :mod:`~klip_med.eval.cache`: the pieces
+- :mod:`~klip_med.eval.summary`, :mod:`~klip_med.eval.results`, :mod:`~klip_med.eval.cache`: the pieces
   between cached slices and ``results.json`` / ``results.md`` / ROC figures.
-- :mod:`~klip_med.eval.cli`: ``klip-med eval``.
+- :mod:`~klip_med.eval.nulls`: the null-calibrated rows ``klip_z[...]``.
+
+The command is ``klip-med eval`` (:mod:`klip_med.cli.eval`).
 """
 
 import importlib
@@ -18,7 +19,7 @@ _WHERE = {
     "Interval": "metrics", "Localisation": "metrics", "auprc": "metrics", "auroc": "metrics",
     "dataset_level": "metrics", "lesion_blocks": "metrics", "localisation": "metrics",
     "localisation_level": "metrics", "paired_difference": "metrics", "patient_bootstrap": "metrics",
-    "run_benchmark": "runner", "EvalSlice": "selection", "select_slices": "selection",
+    "run_benchmark": "runner", 
 }
 
 
@@ -32,7 +33,6 @@ __all__ = [
     "BASELINES",
     "BaselineSettings",
     "DEFAULT_WINDOWS",
-    "EvalSlice",
     "Interval",
     "Localisation",
     "MethodMap",
@@ -46,5 +46,4 @@ __all__ = [
     "paired_difference",
     "patient_bootstrap",
     "run_benchmark",
-    "select_slices",
 ]

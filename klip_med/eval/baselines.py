@@ -40,9 +40,8 @@ import torch
 from torch import Tensor
 
 from klip_med.errors import KLIPMedError
-from klip_med.sampling.schedule import VPSchedule
-
 from klip_med.eval.names import BASELINES  # noqa: E402  (re-exported)
+from klip_med.sampling.schedule import VPSchedule
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from klip_med.atomic import atomic_path
+from klip_med._atomic import atomic_path
 from klip_med.errors import KLIPMedError
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from klip_med.data.masks import BODY_LEVEL_PRIOR, body_mask
 from klip_med.errors import KLIPMedError
 from klip_med.sampling.schedule import VPSchedule
 
@@ -59,8 +60,10 @@ def unet_features(prior, images: Tensor, generator: torch.Generator, t_frac: flo
                      dim=1).float()
 
 
-def _body_locations(images: Tensor, size: tuple[int, int], level: float = -0.9) -> Tensor:
-    body = (images > level).float()
+def _body_locations(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, h, w) bool: feature locations whose cell of the (N, 1, H, W) images is mostly body
+    (:func:`klip_med.data.masks.body_mask` at the slice-selection level, no component rules)."""
+    body = body_mask(images[:, 0], BODY_LEVEL_PRIOR, largest=False, fill_holes=False).float()[:, None]
     return F.adaptive_avg_pool2d(body, size)[:, 0] >= 0.5
 
 

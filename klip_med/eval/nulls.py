@@ -1,6 +1,6 @@
 """Null-calibrated KLIP maps in the benchmark: ``klip_z[<window>]`` rows next to the raw maps.
 
-Two ways to get the null model (:class:`klip_med.score.null.NullModel`), both from in-distribution
+Two ways to get the null model (:class:`klip_med.calibration.NullModel`), both from in-distribution
 (ID) images only:
 
 - a model file (``klip-med calibrate``; e.g. fitted on the dev split's lesion-free slices and
@@ -17,14 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from klip_med.calibration.covariates import block_covariates
+from klip_med.calibration.null_model import NullModel
 from klip_med.errors import KLIPMedError, expect
 from klip_med.eval.cache import CachedSlice
 from klip_med.score.blocks import block_to_pixels, blocks_inside_mask, pool_blocks
-from klip_med.score.null import NullModel, block_covariates
 
 
 def method_name(windows: Sequence[str]) -> str:
@@ -37,7 +40,7 @@ def method_name(windows: Sequence[str]) -> str:
 def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int
                   ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """``(densities (W, gh, gw), covariates, inside (gh, gw))`` of a cached slice: block densities of
-    its maps ``klip[<window>]``, :func:`~klip_med.score.null.block_covariates` of its posterior
+    its maps ``klip[<window>]``, :func:`~klip_med.calibration.covariates.block_covariates` of its posterior
     mean, and its in-body blocks (all blocks when none is inside)."""
     names = [f"klip[{w}]" for w in windows]
     missing = [n for n in names if n not in entry.maps]
@@ -114,3 +117,25 @@ def observed_false_positive_rates(entries: Sequence[CachedSlice], null: NullMode
     return {"n_images": len(ids), "n_blocks": n_blocks,
             "rates": {f"{a:g}": {"z_threshold": null.z_threshold(a), "observed": float((z >= null.z_threshold(a)).mean())}
                       for a in nominal}}
+
+
+def null_from_eval_run(run_dir: str | Path, windows: Sequence[str], block_size: int, conditions: dict[str, Any],
+                       conditioning: str = "auto") -> NullModel:
+    """Fit on the ID slices cached by a ``klip-med eval`` run (no new sampling).
+
+    Args:
+        run_dir: the run's ``--out`` folder.
+        windows: the cached maps' window labels, e.g. ``["t:0.6,1"]`` (method ``klip[t:0.6,1]``).
+        conditions: :func:`klip_med.calibration.conditions.null_conditions` of the run's prior, operator, settings and these windows.
+    """
+    from klip_med.eval.cache import read_slice
+
+    files = sorted((Path(run_dir) / "slices").glob("*.npz"))
+    entries = [e for e in (read_slice(f) for f in files) if e.label == 0]
+    if not entries:
+        raise KLIPMedError(f"{run_dir}: expected cached lesion-free (ID) slices, found none")
+    labels = [windows] if isinstance(windows, str) else list(windows)
+    densities, covariates, insides = zip(*(cached_blocks(e, labels, block_size) for e in entries), strict=True)
+    source = f"{len(entries)} lesion-free slices of the eval run {Path(run_dir).name} ({entries[0].key}, ...)"
+    return NullModel.fit(densities, covariates, insides, conditions, source, conditioning,
+                         [e.patient for e in entries])

@@ -8,7 +8,7 @@ per-slice cache -> metrics, ``results.json``, ``results.md``, ROC figures.
                             "mri:accel=4,center=0.08,noise=0.01", "dev", KLIPSettings(samples=4, steps=100),
                             max_patients=None, max_slices_per_patient=10, out_dir="runs/eval-dev-4x")
 
-Per slice (see :mod:`klip_med.eval.selection` for which slices): the measurement is simulated
+Per slice (see :mod:`klip_med.data.selection` for which slices): the measurement is simulated
 from the ground truth with the operator drawn from a per-slice seed (mask draw and noise; a
 matched pair shares it), the pipeline samples the posterior once with two KLIP accumulators as
 observers (ours, normalisation ``settings.normalization``, and the paper's), for every window at
@@ -28,32 +28,35 @@ import numpy as np
 import torch
 
 from klip_med import pipeline
+from klip_med.calibration.null_model import NullModel
 from klip_med.data.manifest import Manifest, read_manifest
+from klip_med.data.selection import EvalSlice, select_slices, slice_seed
 from klip_med.errors import KLIPMedError
 from klip_med.eval.baselines import BaselineSettings, compute_baselines
-from klip_med.eval.cache import CachedSlice, cached_fingerprint, fingerprint, read_slice, slice_path, write_slice
+from klip_med.eval.cache import (
+    CachedSlice,
+    cached_fingerprint,
+    fingerprint,
+    read_slice,
+    slice_path,
+    write_slice,
+)
+from klip_med.eval.names import DEFAULT_WINDOWS  # noqa: E402  (re-exported)
 from klip_med.eval.nulls import add_null_maps, observed_false_positive_rates
-from klip_med.score.null import NullModel
-from klip_med.eval.report import roc_figure, write_results
-from klip_med.eval.selection import EvalSlice, select_slices, slice_seed
+from klip_med.eval.results import roc_figure, write_results
 from klip_med.eval.summary import REFERENCES, summarise
 from klip_med.pipeline import KLIPSettings, parse_window
 from klip_med.priors.identity import prior_identity
-from klip_med.score import KLIPAccumulator, check_windows_cover_steps
+from klip_med.score import KLIPAccumulator
 from klip_med.score.windows import Window
-
-from klip_med.eval.names import DEFAULT_WINDOWS  # noqa: E402  (re-exported)
 
 
 def _windows(specs: Sequence[str], prior, steps: int) -> tuple[Window, ...]:
-    from klip_med.sampling.base import plan_steps
-    from klip_med.sampling.schedule import VPSchedule
-
+    """The benchmark's windows, checked to hold a step of a ``steps``-step run before any sampling."""
     if not specs:
         raise KLIPMedError("windows: expected at least one window spec, found none")
     windows = tuple(parse_window(s, prior.alphas_cumprod) for s in specs)
-    sigmas = [p.sigma for p in plan_steps(VPSchedule(prior.alphas_cumprod), steps)]
-    check_windows_cover_steps(windows, sigmas)
+    pipeline.check_windows(prior, KLIPSettings(steps=steps, windows=windows))
     return windows
 
 
@@ -132,7 +135,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         split: ``dev`` (choose settings here) or ``test`` (final numbers only).
         settings: sampler, samples, steps, block size, top-k, normalisation, seed (its windows are
             replaced by ``windows``).
-        max_patients, max_slices_per_patient: see :func:`klip_med.eval.selection.select_slices`.
+        max_patients, max_slices_per_patient: see :func:`klip_med.data.selection.select_slices`.
         out_dir: results folder; per-slice cache in ``out_dir/slices``.
         windows: window specs (``full``, ``t:a,b``, ``sigma:a,b``), all filled in one pass.
         baselines: settings of the baselines that call the prior again, and which to skip
@@ -152,7 +155,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
             :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
         null_conditioning: for ``"lopo"``, one of :data:`klip_med.score.null.CONDITIONING`.
         ct_lesions: inserted CT lesion design, ``soft-tissue`` or ``body``
-            (:mod:`klip_med.eval.selection`, rule 5).
+            (:mod:`klip_med.data.selection`, rule 5).
 
     Returns:
         the results dict of the first block size (as written to ``results.json``).
@@ -246,9 +249,9 @@ def _null_rows(null, null_windows, conditioning, windows, prior, prior_id, physi
     """What :func:`add_null_maps` needs for ``run_benchmark``'s ``null`` argument (None: no row)."""
     if null is None:
         return None
-    from klip_med.calibrate import null_conditions
-    from klip_med.pipeline import CALIBRATED_WINDOWS
-    from klip_med.score.null import NullModel
+    from klip_med.calibration.conditions import null_conditions
+    from klip_med.calibration.null_model import NullModel
+    from klip_med.pipeline.settings import CALIBRATED_WINDOWS
 
     if str(null) == "lopo":
         chosen = list(null_windows or (CALIBRATED_WINDOWS if set(CALIBRATED_WINDOWS) <= set(windows) else windows[:1]))
@@ -289,7 +292,7 @@ def _results(entries, manifest, split, prior_id, physics_spec, settings, baselin
             "settings": settings.describe(), "baselines": baselines.describe(), "lesions": mode,
             "block_size": block_size, "n_boot": n_boot, "seed": settings.seed, "device": str(device),
             "torch": torch.__version__, "command": command,
-            "selection": "klip_med.eval.selection (module docstring): body fraction >= 0.3, OOD >= 30 lesion px "
+            "selection": "klip_med.data.selection (module docstring): body fraction >= 0.3, OOD >= 30 lesion px "
                          "at 128x128, ID matched by body fraction within the patient, even subsample per patient",
         },
         "counts": {"images": len(entries), "ood": int(sum(labels)), "id": len(labels) - int(sum(labels)),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from klip_med.errors import KLIPMedError
 from klip_med.eval.baselines import centrality_blocks
 from klip_med.eval.cache import CachedSlice
 from klip_med.eval.metrics import (
@@ -27,7 +28,6 @@ from klip_med.eval.metrics import (
     paired_difference,
     patient_bootstrap,
 )
-from klip_med.errors import KLIPMedError
 from klip_med.score.blocks import BlockScores, blocks_inside_mask, image_score, pool_blocks
 
 REFERENCES = ("posterior_std", "brightness")

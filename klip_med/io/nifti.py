@@ -13,8 +13,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from klip_med._atomic import atomic_path
 from klip_med.errors import KLIPMedError, expect
-from klip_med.atomic import atomic_path
 from klip_med.io.volume import Volume, lps_to_ras, ras_to_lps
 
 

@@ -10,14 +10,19 @@
         SaveImaged(keys="img_klip", output_postfix="klip"),
     ])
 
-``KLIPReconstruct`` is the array version (returns a dict of ``MetaTensor``), ``KLIPReconstructd``
-the dictionary version (adds ``<key>_recon``, ``<key>_klip``, ``<key>_std``). Both keep the input's
-affine and metadata. This package is ``klip_med.monai``; it imports the real MONAI with absolute
+``KLIPReconstruct`` is the array version (:mod:`~klip_med.monai.array`: returns one ``MetaTensor``
+whose channels are the reconstruction, its std, the KLIP map and, with a null model, the KLIP
+z-score; ``.outputs(img)`` gives them as a dict), ``KLIPReconstructd`` the dictionary version
+(:mod:`~klip_med.monai.dictionary`: adds ``<key>_recon``, ``<key>_klip``, ``<key>_std`` and
+``<key>_klip_z``). Both keep the input's affine and metadata; slice orientation is handled by
+:mod:`~klip_med.monai.orientation`. This package is ``klip_med.monai``; it imports the real MONAI with absolute
 imports only (``import monai``), so it never shadows it.
 """
 
 from __future__ import annotations
 
-from klip_med.monai.transforms import PRIOR_SLICE_AXCODES, KLIPReconstruct, KLIPReconstructd
+from klip_med.monai.array import KLIPReconstruct
+from klip_med.monai.dictionary import KLIPReconstructd
+from klip_med.monai.orientation import PRIOR_SLICE_AXCODES
 
 __all__ = ["PRIOR_SLICE_AXCODES", "KLIPReconstruct", "KLIPReconstructd"]

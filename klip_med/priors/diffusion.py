@@ -18,7 +18,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from torch import Tensor, nn
 
-from klip_med.atomic import atomic_path
+from klip_med._atomic import atomic_path
 from klip_med.errors import KLIPMedError
 from klip_med.priors.config import PriorConfig
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from klip_med._atomic import atomic_path
 from klip_med.data.manifest import Manifest
 from klip_med.errors import KLIPMedError
-from klip_med.atomic import atomic_path
 from klip_med.priors.diffusion import DiffusionPrior
 
 DEFAULT_TIMESTEPS = (50, 200, 500, 800)

@@ -7,6 +7,8 @@ a retrained prior.
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import torch
 
@@ -28,3 +30,26 @@ def prior_identity(prior) -> dict:
     return {"name": getattr(config, "name", type(prior).__name__),
             "config": config.to_dict() if hasattr(config, "to_dict") else None,
             "weights_sha256": digest.hexdigest()}
+
+
+def prior_provenance(prior, reference: str) -> dict[str, Any]:
+    """Name, where it came from, its config (minus the architecture) and a digest of that config."""
+    from klip_med.priors import available
+
+    config = prior.config.to_dict()
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    shipped = available()
+    training = config.get("training", {})
+    keep = ("manifest", "steps_trained", "final_loss", "device", "licence", "data", "seconds")
+    return {
+        "name": config["name"],
+        "reference": reference,
+        "shipped": reference in shipped,
+        "modality": config["modality"],
+        "image_size": config["image_size"],
+        "intensity": config["intensity"],
+        "schedule": config["schedule"],
+        "description": config.get("description", ""),
+        "training": {k: training[k] for k in keep if k in training},
+        "config_sha256": digest,
+    }

@@ -29,16 +29,18 @@ def available() -> dict[str, Path]:
 
 def describe(name: str) -> PriorConfig:
     """The config of a shipped prior (without loading its weights)."""
-    return PriorConfig.read(_resolve(name) / CONFIG_FILE)
+    return PriorConfig.read(resolve_prior_path(name) / CONFIG_FILE)
 
 
 def model_card(name: str) -> str:
     """The text of a shipped prior's model card."""
-    card = _resolve(name) / "MODEL_CARD.md"
+    card = resolve_prior_path(name) / "MODEL_CARD.md"
     return card.read_text(encoding="utf-8") if card.is_file() else f"(no model card for {name})"
 
 
-def _resolve(name_or_path: str | Path) -> Path:
+def resolve_prior_path(name_or_path: str | Path) -> Path:
+    """The folder (or weights file) of a shipped prior name or a path; :class:`KLIPMedError` naming
+    the shipped priors otherwise."""
     shipped = available()
     if isinstance(name_or_path, str) and name_or_path in shipped:
         return shipped[name_or_path]
@@ -54,4 +56,4 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> DiffusionPrior:
     """Load a shipped prior by name (``load("mri-brain-flair-128")``) or any prior folder / weights path."""
-    return load_prior_dir(_resolve(name_or_path), device=device)
+    return load_prior_dir(resolve_prior_path(name_or_path), device=device)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from klip_med.atomic import atomic_path
+from klip_med._atomic import atomic_path
 from klip_med.data.manifest import Manifest, read_manifest
 from klip_med.errors import KLIPMedError
 from klip_med.priors.config import PriorConfig, default_architecture, default_schedule

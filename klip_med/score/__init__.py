@@ -9,7 +9,6 @@ from klip_med.score.blocks import (
     BlockScores,
     ImageScore,
     blocks_inside_mask,
-    body_mask_from_image,
     image_score,
     pool_blocks,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "TrajectoryRecorder",
     "Window",
     "blocks_inside_mask",
-    "body_mask_from_image",
     "check_windows_cover_steps",
     "image_score",
     "klip_pixel_map",

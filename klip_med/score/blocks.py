@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from klip_med.errors import KLIPMedError
@@ -116,39 +115,6 @@ def block_to_pixels(blocks: np.ndarray, block_size: int, shape: Sequence[int]) -
     a = np.asarray(blocks)
     full = np.repeat(np.repeat(a, block_size, axis=-2), block_size, axis=-1)
     return np.ascontiguousarray(full[..., : int(shape[0]), : int(shape[1])])
-
-
-def body_mask_from_image(image: Tensor) -> Tensor:
-    """Foreground (body) mask of a reconstruction: Otsu threshold, largest component, holes filled.
-
-    Args:
-        image: (H, W) or (D, H, W) intensities (any range).
-
-    Returns:
-        bool tensor of the same shape, on the same device.
-    """
-    if image.ndim not in (2, 3):
-        raise KLIPMedError(f"image: expected (H, W) or (D, H, W), found {tuple(image.shape)}")
-    arr = image.detach().to(torch.float64).cpu().numpy()
-    if not np.isfinite(arr).all():
-        raise KLIPMedError("image: expected finite intensities for the body mask, found NaN / Inf")
-    hist, edges = np.histogram(arr, bins=256)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    threshold = centres[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))]
-    mask = arr > threshold
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-        mask = labels == (1 + int(np.argmax(sizes)))
-    if mask.ndim == 3:
-        mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
-    else:
-        mask = ndimage.binary_fill_holes(mask)
-    return torch.from_numpy(mask).to(image.device)
 
 
 def blocks_inside_mask(

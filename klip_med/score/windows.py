@@ -55,8 +55,10 @@ class Window:
         return self.name or f"sigma[{self.sigma_min:.4g},{self.sigma_max:.4g}]"
 
     def as_dict(self) -> dict:
-        """JSON-ready description."""
-        return {"name": self.label, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+        """JSON-ready description, the one serialisation of a window (outputs, settings, null
+        models): ``{"name", "sigma_min", "sigma_max"}``, ``sigma_max`` None when unbounded."""
+        return {"name": self.label, "sigma_min": float(self.sigma_min),
+                "sigma_max": None if math.isinf(self.sigma_max) else float(self.sigma_max)}
 
 
 FULL = Window(0.0, math.inf, name="full")
@@ -126,11 +128,16 @@ def window_from_step_indices(
     return Window(min(chosen), max(chosen), name=name)
 
 
-def check_windows_cover_steps(windows: Sequence[Window], step_sigmas: Sequence[float]) -> None:
+def check_windows_cover_steps(windows: Sequence[Window], step_sigmas: Sequence[float], argument: str = "windows",
+                              hint: str = "") -> None:
     """Raise :class:`KLIPMedError` for any window that holds none of a run's steps.
 
     Call before sampling so that a window outside the schedule is reported before any network
-    evaluation is spent.
+    evaluation is spent. This is the one coverage check of klip_med.
+
+    Args:
+        argument: what the windows were given as, for the message (e.g. ``"--windows"``).
+        hint: appended to the message (e.g. how to fix it on the command line).
     """
     if not step_sigmas:
         raise KLIPMedError("step_sigmas: expected at least one sampling step, found none")
@@ -138,7 +145,7 @@ def check_windows_cover_steps(windows: Sequence[Window], step_sigmas: Sequence[f
     for i, window in enumerate(windows):
         if not any(window.contains(float(s)) for s in step_sigmas):
             raise KLIPMedError(
-                f"windows[{i}] ({window.label}): expected a window holding at least one of the "
+                f"{argument}[{i}] ({window.label}): expected a window holding at least one of the "
                 f"{len(step_sigmas)} sampling steps (their sigma spans [{lo:.4g}, {hi:.4g}]), "
-                "found none inside it"
+                f"found none inside it{hint}"
             )

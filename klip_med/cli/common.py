@@ -1,0 +1,158 @@
+"""What several ``klip-med`` commands share: the sampler and scoring flags (spelled the same in
+every command), their checks, and the list of outputs a run prints.
+
+Flags that mean the same thing have one spelling everywhere: ``--samples``, ``--steps``,
+``--sampler``, ``--seed``, ``--normalization``, ``--zeta`` (DPS), ``--windows`` (one or more, also
+repeatable), ``--block-size``, ``--device``. Older spellings (``--window`` repeated, ``--block``,
+``--block-sizes``) still work and print a deprecation line on stderr.
+
+Heavy imports (torch and what needs it) stay inside the functions: ``klip-med --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from klip_med.errors import KLIPMedError, expect
+
+RUN_DEFAULTS = {"samples": 4, "steps": 100, "sampler": "fast", "seed": 0, "block_size": 8,
+                "normalization": "transition", "dps_zeta": 0.3}
+"""KLIPSettings' defaults, written out so ``--help`` needs no torch import (a test keeps them equal)."""
+NORMALIZATIONS = ("transition", "sde", "paper")
+"""``--normalization`` choices (:data:`klip_med.score.NORMALIZATIONS`, kept here for a fast ``--help``)."""
+SETTING_FLAGS = ("samples", "steps", "sampler", "seed", "normalization", "dps_zeta")
+
+
+class Deprecated(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's destination (``append`` / ``extend``
+    to a list, or a plain value) and prints one deprecation line naming the new spelling."""
+
+    def __init__(self, option_strings, dest, new: str, mode: str = "store", **kwargs):
+        self.new, self.mode = new, mode
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"klip-med: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        if self.mode == "store":
+            setattr(namespace, self.dest, values)
+            return
+        items = list(getattr(namespace, self.dest) or [])
+        items += values if isinstance(values, list) else [values]
+        setattr(namespace, self.dest, items)
+
+
+def add_windows_flag(group, help_text: str) -> None:
+    """``--windows W [W ...]`` (repeatable, values accumulate) and the deprecated ``--window W``."""
+    group.add_argument("--windows", nargs="+", action="extend", metavar="WINDOW", help=help_text)
+    group.add_argument("--window", dest="windows", action=Deprecated, new="--windows", mode="extend",
+                       help=argparse.SUPPRESS)
+
+
+def add_block_size_flag(group, default: int | None, help_text: str, type_=int) -> None:
+    """``--block-size`` and the deprecated ``--block``."""
+    group.add_argument("--block-size", type=type_, default=default, help=help_text)
+    group.add_argument("--block", dest="block_size", type=type_, action=Deprecated, new="--block-size",
+                       help=argparse.SUPPRESS)
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser, defaults: dict, outputs: bool = True,
+                      progress: bool = True) -> argparse._ArgumentGroup:
+    """Sampler flags of every command that samples (and ``--device``); ``outputs`` adds --threshold and
+    --null, ``progress`` adds --no-progress.
+
+    Values left unset are None (the command's own defaults apply: :func:`settings_from_args`).
+    """
+    group = parser.add_argument_group("sampling and scoring")
+    group.add_argument("--samples", type=int, help=f"posterior samples per slice (default {defaults['samples']})")
+    group.add_argument("--steps", type=int, help=f"sampling steps (default {defaults['steps']})")
+    group.add_argument("--sampler", choices=["fast", "dps"],
+                       help="fast: DDS, 1 network call per step; dps: backprop through the network per step "
+                            f"(default {defaults['sampler']})")
+    group.add_argument("--seed", type=int, help=f"seeds the measurement and the sampler (default {defaults['seed']})")
+    group.add_argument("--normalization", choices=NORMALIZATIONS,
+                       help="KL normalisation: transition (exact nats of each step's Gaussian kernels), sde "
+                            "(g(t)^2 dt, for deterministic samplers) or paper (the KLIP paper's) "
+                            f"(default {defaults.get('normalization', 'transition')})")
+    group.add_argument("--zeta", dest="dps_zeta", type=float,
+                       help=f"DPS step size (--sampler dps only; default {defaults.get('dps_zeta', 0.3)})")
+    if outputs:
+        add_output_flags(group)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return group
+
+
+def add_output_flags(group: argparse._ArgumentGroup) -> None:
+    """``--threshold`` and ``--null`` (commands that write an output set)."""
+    group.add_argument("--threshold", default="auto",
+                       help="OOD mask (SEG) threshold: 'fpr:A' = blocks whose null z-score only a fraction A of "
+                            "in-distribution blocks reach (needs a null model); 'pNN' = NN-th percentile of in-body "
+                            "block densities of the volume (uncalibrated); or nats per pixel. Default auto: "
+                            "fpr:0.01 with a null model, else p95")
+    group.add_argument("--null", default="auto",
+                       help="null model of the first window: a JSON file from `klip-med calibrate`, 'auto' (one "
+                            "shipped with the prior for exactly these physics and settings, if any) or 'none' "
+                            "(default auto)")
+
+
+def settings_from_args(args: argparse.Namespace, defaults: dict):
+    """KLIPSettings from the shared sampler flags (windows parsed later, once the prior is known)."""
+    from klip_med.pipeline.settings import KLIPSettings
+
+    values = {k: v for k, v in defaults.items() if k in SETTING_FLAGS}
+    values.update({k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None})
+    if getattr(args, "block_size", None) is not None:
+        values["block_size"] = args.block_size
+    elif "block_size" in defaults:
+        values["block_size"] = defaults["block_size"]
+    return KLIPSettings(**values)
+
+
+def check_device(device: str) -> str:
+    """``--device``: cpu, or a CUDA device torch can see."""
+    import torch
+
+    expect(device == "cpu" or device.startswith("cuda"), "--device", "cpu or cuda[:N]", repr(device))
+    if device.startswith("cuda"):
+        expect(torch.cuda.is_available(), "--device", "a CUDA device visible to torch",
+               f"{device!r} with torch.cuda.is_available() False (use --device cpu)")
+    return device
+
+
+def check_physics(spec: str, image_size: int | None = None) -> None:
+    """Parse (and with ``image_size`` build) the operator now, naming ``--physics`` on failure."""
+    from klip_med.physics import parse_physics, parse_spec
+
+    try:
+        parse_spec(spec) if image_size is None else parse_physics(spec, image_size)
+    except KLIPMedError as exc:
+        raise KLIPMedError(f"--physics: {exc}") from None
+
+
+def check_out_folder(out: Path) -> Path:
+    """``--out``: a folder, new or existing (not a file)."""
+    expect(not out.is_file(), "--out", "a folder (new or existing)", f"a file {str(out)!r}")
+    return out
+
+
+def print_outputs(summary: dict, out: Path) -> None:
+    """The files a run wrote, then its one-line result."""
+    from klip_med.io.outputs import one_line
+
+    files = summary["outputs"]
+    print(f"outputs in {out}/:")
+    for key in ("summary", "report", "recon_nifti", "klip_nifti", "klip_z_nifti", "source_dicom", "recon_series",
+                "parametric_map", "seg", "secondary_capture"):
+        value = files.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            more = f" (+{len(value) - 1} windows in {Path(value[1]).parent}/)" if len(value) > 1 else ""
+            value = f"{value[0]}{more}"
+        print(f"  {key:<18} {value}")
+    if "seg" in files and files["seg"] is None:
+        print("  seg                (not written: no block reached the threshold)")
+    print(one_line(summary))

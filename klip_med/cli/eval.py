@@ -1,0 +1,125 @@
+"""``klip-med eval``: benchmark KLIP against baselines on a manifest (AUROCs with intervals)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from klip_med.cli.common import (
+    Deprecated,
+    add_block_size_flag,
+    add_sampler_flags,
+    add_windows_flag,
+    settings_from_args,
+)
+from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS
+
+EVAL_DEFAULTS = {"samples": 4, "steps": 100, "sampler": "fast", "seed": 0, "block_size": 8,
+                 "normalization": "transition", "dps_zeta": 0.3}
+"""``klip-med eval``'s sampler defaults."""
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, found {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, found {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, found {text!r}") from None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from klip_med.eval.baselines import BaselineSettings
+    from klip_med.eval.runner import run_benchmark
+
+    block_sizes = args.block_size
+    settings = replace(settings_from_args(args, EVAL_DEFAULTS), block_size=block_sizes[0], top_k=args.top_k)
+    baselines = BaselineSettings(anoddpm_t=args.anoddpm_t, anoddpm_steps=args.anoddpm_steps,
+                                 eigen_levels=args.eigen_levels, eigen_rank=args.eigen_rank,
+                                 eigen_iterations=args.eigen_iterations, cfs_train_slices=args.cfs_train_slices,
+                                 skip=tuple(args.skip))
+    results = run_benchmark(
+        args.manifest, args.data_root, args.prior, args.physics, args.split, settings, args.max_patients,
+        args.max_slices, args.out, windows=args.windows or list(DEFAULT_WINDOWS), baselines=baselines, lesions=args.lesions,
+        device=args.device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
+        pixel_spacing_mm=args.pixel_spacing_mm, command="klip-med " + shlex.join(sys.argv[1:]),
+        null=args.null, null_windows=args.null_windows, null_conditioning=args.null_conditioning,
+        ct_lesions=args.ct_lesions,
+    )
+    from klip_med.eval.results import markdown_table
+
+    print(markdown_table(results))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``klip-med`` subparsers."""
+    from klip_med.calibration.families import CONDITIONING
+
+    p = subparsers.add_parser(
+        "eval",
+        help="benchmark KLIP against baselines on a manifest (AUROCs with intervals)",
+        description=(
+            "For held-out slices of a manifest (ID: lesion-free, OOD: with a lesion, matched per patient), "
+            "simulate measurements, sample the posterior once per slice, and score KLIP (several windows, "
+            "ours and the paper's normalisation) and baselines (posterior std, residual, AnoDDPM, EigenScore, "
+            "UNet-feature density fitted on ID training slices, brightness, its deviation, centrality) on the "
+            "same blocks: dataset-level and localisation AUROC / AUPRC with per-patient bootstrap intervals, NFE and seconds per image. Resumable: "
+            "slices are cached in OUT/slices."
+        ),
+    )
+    p.add_argument("--manifest", required=True, help="data manifest JSON (e.g. data_manifests/lgg_flair_128.json)")
+    p.add_argument("--data-root", help="folder the manifest's files are relative to (default $KLIP_MED_DATA_ROOT)")
+    p.add_argument("--prior", required=True, help="shipped prior name or prior folder")
+    p.add_argument("--physics", required=True, help="operator, e.g. mri:accel=4,center=0.08,noise=0.01")
+    p.add_argument("--split", choices=("dev", "test"), default="dev",
+                   help="dev to choose settings; test for final numbers only (default dev)")
+    group = add_sampler_flags(p, EVAL_DEFAULTS, outputs=False, progress=False)
+    add_windows_flag(group, f"KLIP windows, all filled in one pass (default {' '.join(DEFAULT_WINDOWS)})")
+    add_block_size_flag(group, [EVAL_DEFAULTS["block_size"]], "block side in pixels, or several comma-separated "
+                        "(e.g. 4,8,16; the first -> results.*; default 8)", type_=_ints)
+    group.add_argument("--block-sizes", dest="block_size", type=_ints, action=Deprecated, new="--block-size",
+                       help=argparse.SUPPRESS)
+    p.add_argument("--top-k", type=int, default=5, help="image score = mean of the top-k blocks (default 5)")
+    p.add_argument("--max-patients", type=int, help="patients, evenly spaced through the split (default all)")
+    p.add_argument("--max-slices", type=int, default=10, help="images per patient, OOD + ID (default 10)")
+    p.add_argument("--lesions", choices=("auto", "real", "inserted"), default="auto",
+                   help="real masks, or matched pairs with inserted lesions (auto: real if the manifest has masks)")
+    p.add_argument("--ct-lesions", choices=("soft-tissue", "body"), default="soft-tissue",
+                   help="inserted CT lesion design: soft-tissue (hypodense -80..-40 HU, wholly in liver/kidney/"
+                        "spleen/muscle; default) or body (the first design: +-10..60 HU anywhere in the body)")
+    p.add_argument("--pixel-spacing-mm", type=float, help="for inserted lesions when files carry no spacing")
+    p.add_argument("--skip", nargs="*", default=[], choices=BASELINES, metavar="BASELINE",
+                   help=f"baselines not to compute ({', '.join(BASELINES)})")
+    p.add_argument("--anoddpm-t", type=float, default=0.25, help="AnoDDPM re-noising time t/T (default 0.25)")
+    p.add_argument("--anoddpm-steps", type=int, default=5, help="AnoDDPM DDIM steps back (default 5)")
+    p.add_argument("--eigen-levels", type=_floats, default=(0.1, 0.25, 0.5),
+                   help="EigenScore noise levels as t/T (default 0.1,0.25,0.5)")
+    p.add_argument("--eigen-rank", type=int, default=4, help="EigenScore eigenpairs per level (default 4)")
+    p.add_argument("--eigen-iterations", type=int, default=3, help="EigenScore subspace iterations (default 3)")
+    p.add_argument("--cfs-train-slices", type=int, default=64,
+                   help="ID training slices the cfs feature density is fitted on (default 64)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--metrics-only", action="store_true", help="no sampling: summarise the cached slices")
+    p.add_argument("--null", help="add the null-calibrated row klip_z[...]: a null model file from `klip-med "
+                   "calibrate` (e.g. fitted on the dev split, for test numbers) or 'lopo' (each patient scored "
+                   "against the lesion-free slices of the other patients of this run)")
+    p.add_argument("--null-windows", nargs="+", help="windows the klip_z row combines (default: the model's; "
+                   "for lopo t:0.1,0.2 ... t:0.9,1 when all are among --windows, else the first)")
+    p.add_argument("--null-conditioning", choices=CONDITIONING, default="auto",
+                   help="with --null lopo (default auto: chosen in each fold from the other patients' lesion-free "
+                        "slices by held-out likelihood)")
+    p.add_argument("--out", required=True, help="results folder (resumable)")
+    p.set_defaults(run=run_command)
+    return p

@@ -1,0 +1,86 @@
+"""MR insertions: FLAIR-hyperintense lesions (bright core, soft rim, optional oedema ring)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from klip_med.data.lesions.geometry import (
+    Inserted,
+    check_fraction,
+    check_image,
+    check_number,
+    check_rng,
+    check_round_options,
+    check_spacing,
+    choose_diameter,
+    textured_round,
+)
+from klip_med.data.masks import MR_BODY_FRACTION, body_mask
+from klip_med.errors import expect
+
+FLAIR_DIAMETER_RANGE_MM = (5.0, 30.0)
+FLAIR_CONTRAST_RANGE = (0.15, 0.4)
+"""FLAIR contrast range as a fraction of the intensity range."""
+
+
+def insert_flair_lesion(
+    image: np.ndarray,
+    pixel_spacing_mm: float | tuple[float, float],
+    rng: np.random.Generator,
+    *,
+    intensity_range: tuple[float, float] = (0.0, 1.0),
+    diameter_mm: float | None = None,
+    contrast: float | None = None,
+    oedema: float = 0.3,
+    oedema_extent: float = 0.6,
+    centre: tuple[float, float] | None = None,
+    placement_mask: np.ndarray | None = None,
+    edge_fraction: float = 0.15,
+    texture: float = 0.15,
+    texture_mm: float = 2.0,
+    irregularity: float = 0.15,
+) -> Inserted:
+    """Insert a FLAIR-hyperintense lesion (bright core, soft rim, optional oedema ring) into an MR slice.
+
+    Args:
+        image: (H, W) with values inside ``intensity_range`` (e.g. (0, 1) or (0, 255)).
+        intensity_range: (low, high); the output is clipped to it.
+        diameter_mm: nominal core diameter; None samples ``FLAIR_DIAMETER_RANGE_MM``.
+        contrast: mean change over the core (> 0), image units; None samples
+            ``FLAIR_CONTRAST_RANGE`` times the range width.
+        oedema: oedema brightness as a fraction of the core amplitude, in [0, 1); 0 disables it.
+        oedema_extent: oedema radius = core radius * (1 + oedema_extent), in (0, 3].
+        centre, placement_mask: as for :func:`insert_ct_lesion`; default region: the head
+            (values above 10 % of the range, holes filled).
+        Other arguments as for :func:`insert_ct_lesion`.
+    """
+    img = check_image(image)
+    spacing = check_spacing(pixel_spacing_mm)
+    rng = check_rng(rng)
+    ok = isinstance(intensity_range, (tuple, list)) and len(intensity_range) == 2
+    expect(ok, "intensity_range", "a (low, high) pair", intensity_range)
+    low, high = (check_number("intensity_range", v) for v in intensity_range)
+    expect(low < high, "intensity_range", "low < high", intensity_range)
+    span = high - low
+    lo_img, hi_img = float(img.min()), float(img.max())
+    inside = lo_img >= low - 1e-3 * span and hi_img <= high + 1e-3 * span
+    expect(inside, "image", f"values inside intensity_range [{low:g}, {high:g}]", f"[{lo_img:.4g}, {hi_img:.4g}]")
+    oedema = check_fraction("oedema", oedema, 0.0, 0.99)
+    oedema_extent = check_fraction("oedema_extent", oedema_extent, 1e-3, 3.0)
+    edge_fraction, texture, texture_mm, irregularity = check_round_options(edge_fraction, texture, texture_mm,
+                                                                           irregularity)
+    spread = (1 + irregularity) * ((1 + oedema_extent) if oedema > 0 else 1)
+    diameter = choose_diameter(diameter_mm, rng, FLAIR_DIAMETER_RANGE_MM, spacing, img.shape, spread)
+    if contrast is None:
+        value = float(rng.uniform(*FLAIR_CONTRAST_RANGE) * span)
+    else:
+        value = check_number("contrast", contrast, positive=True)
+    return textured_round(
+        img, spacing, rng, kind="flair", diameter=diameter, contrast=value, centre=centre,
+        placement_mask=placement_mask,
+        default_region=lambda: body_mask(img, low + MR_BODY_FRACTION * span, largest=False),
+        default_name="placement_mask (default: head, > 10 % of intensity_range)",
+        edge_fraction=edge_fraction, texture=texture, texture_mm=texture_mm, irregularity=irregularity,
+        oedema=oedema, oedema_extent=oedema_extent, clip=(low, high),
+    )
+

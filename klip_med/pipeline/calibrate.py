@@ -1,0 +1,98 @@
+"""Calibrate: reconstruct in-distribution images and fit a null model
+(:class:`klip_med.calibration.NullModel`) on their block maps.
+
+Three sources of ID images, none of which contains anything out of distribution:
+
+- held-out healthy slices of a data manifest (:func:`manifest_null_images`: the lesion-free slices
+  the benchmark selection would use, or the lesion-free twins for inserted-lesion manifests);
+- the prior's own samples (:func:`prior_null_images`): needs no data at all (the prior
+  predictive: x from the prior, y = A x + noise, then the posterior run);
+- the ID slices already sampled by a ``klip-med eval`` run
+  (:func:`klip_med.eval.nulls.null_from_eval_run`): no new sampling.
+
+Each ID image is measured with the operator, reconstructed with the same settings as the images the
+model will score, and its in-body blocks enter the model.
+
+    from klip_med import priors
+    from klip_med.pipeline.calibrate import calibrate_images, prior_null_images
+
+    prior = priors.load("mri-brain-flair-128")
+    images = prior_null_images(prior, 16, seed=0)
+    null = calibrate_images(prior, "mri:accel=4,center=0.08,noise=0.01", settings, images, "prior samples")
+    null.save("null.json")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from klip_med.calibration.conditions import null_conditions
+from klip_med.calibration.null_model import NullModel
+from klip_med.calibration.scoring import result_blocks
+from klip_med.errors import KLIPMedError, expect
+from klip_med.pipeline.reconstruct import reconstruct_image
+from klip_med.pipeline.settings import KLIPSettings
+
+
+def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: Sequence[np.ndarray] | torch.Tensor,
+                     source: str, conditioning: str = "auto", device: str | torch.device = "cpu",
+                     log: Callable[[str], None] | None = print, groups: Sequence[str] | None = None) -> NullModel:
+    """Measure and reconstruct ID images, then fit the null model on their in-body blocks.
+
+    Args:
+        images: N ground-truth images (H, W) in prior units on the prior's grid.
+        source: description recorded in the model.
+        conditioning: see :class:`~klip_med.calibration.NullModel` (``auto`` by default).
+        groups: group of each image (e.g. its patient) for ``auto``'s held-out selection.
+        settings: as used for the images to be scored (the model covers all its windows); image ``k`` is measured and sampled with
+            seed ``settings.seed + 1000 * k`` (independent operator draws and noise).
+    """
+    say = log or (lambda _m: None)
+    expect(len(images) >= 2, "images", "at least 2 in-distribution images", len(images))
+    blocks = []
+    start = time.perf_counter()
+    for k, image in enumerate(images):
+        t0 = time.perf_counter()
+        img = torch.as_tensor(np.asarray(image, dtype=np.float32))
+        result, _ = reconstruct_image(prior, img, physics_spec, replace(settings, seed=settings.seed + 1000 * k), device)
+        blocks.append(result_blocks(result, settings.block_size))
+        say(f"[{k + 1}/{len(images)}] calibration image: {time.perf_counter() - t0:.1f} s")
+    densities, covariates, insides = zip(*blocks, strict=True)
+    null = NullModel.fit(densities, covariates, insides, null_conditions(prior, physics_spec, settings), source,
+                         conditioning, groups)
+    null.extra["seconds"] = round(time.perf_counter() - start, 1)
+    return null
+
+
+def manifest_null_images(manifest, split: str, prior, max_patients: int | None = None, max_slices: int = 6,
+                         seed: int = 0) -> tuple[list[np.ndarray], str, list[str]]:
+    """Lesion-free slices of a manifest split (the benchmark selection's ID images), prior units.
+
+    Returns:
+        ``(images, source, groups)``: the images, a description naming the manifest, split and
+        slices, and each image's patient (the benchmark's bootstrap unit).
+    """
+    from klip_med.data.selection import select_slices
+
+    chosen = [s for s in select_slices(manifest, split, prior, max_patients, max_slices, "auto", seed) if s.label == 0]
+    if not chosen:
+        raise KLIPMedError(f"{manifest.source}: expected lesion-free slices in split {split!r}, found none")
+    keys = [s.key for s in chosen]
+    return ([s.image for s in chosen], f"{manifest.name} {split}: {len(keys)} lesion-free slices ({', '.join(keys[:3])}, ...)",
+            [s.patient for s in chosen])
+
+
+def prior_null_images(prior, n: int, seed: int = 0, steps: int = 100) -> list[np.ndarray]:
+    """``n`` unconditional samples of the prior (MONAI DDIM, ``eta = 1``), each (H, W) prior units."""
+    from klip_med.priors.evaluate import unconditional_samples
+
+    expect(isinstance(n, int) and n >= 2, "prior samples", "an integer >= 2", n)
+    generator = torch.Generator(device=prior.device).manual_seed(seed)
+    with torch.no_grad():
+        samples = unconditional_samples(prior, n, generator, steps).cpu().numpy()
+    return [s[0] for s in samples]
