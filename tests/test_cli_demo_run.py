@@ -251,8 +251,8 @@ def test_shared_flags_are_spelled_the_same_in_every_sampling_command(command):
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     flags = {s for a in sub._actions for s in a.option_strings}
-    assert {"--samples", "--steps", "--sampler", "--seed", "--normalization", "--zeta", "--windows",
-            "--block-size", "--device"} <= flags, sorted(flags)
+    assert {"--samples", "--steps", "--sampler", "--seed", "--normalization", "--zeta", "--eta", "--gamma",
+            "--cg-iters", "--windows", "--block-size", "--device"} <= flags, sorted(flags)
 
 
 @pytest.mark.parametrize(("old", "new", "value", "dest", "expected"), [

@@ -13,7 +13,7 @@ import torch
 
 from klip_med.priors.gaussian_case import SIZE, make_case
 from klip_med.sampling import DPSSampler
-from klip_med.score import KLIPAccumulator, TrajectoryRecorder, Window, pool_blocks
+from klip_med.score import KLIPAccumulator, TrajectoryRecorder, Window, pool_blocks, window_from_step_indices
 
 _RSS_PROBE = textwrap.dedent(
     """
@@ -100,7 +100,7 @@ def test_paper_normalisation_equals_the_reference_formula_on_a_recorded_trajecto
     sampler = DPSSampler(case.prior, 40, zeta=0.3)
     sigmas = sampler.step_sigmas
     t_start, t_end = 10, 25  # steps [10, 25) in sampling order
-    window = Window(sigmas[t_end - 1], sigmas[t_start])
+    window = window_from_step_indices(t_start, t_end - 1, sigmas)  # half-open: [sigma_last, sigma_before_first)
     acc = KLIPAccumulator([window], normalization="paper")
     sampler.sample(case.y, case.physics, 3, (1, SIZE, SIZE), torch.Generator().manual_seed(5), [recorder, acc])
     updates = torch.stack([e.delta for e in recorder.events])

@@ -121,8 +121,37 @@ def test_windows_from_normalised_time_and_step_indices():
     assert float(sigmas[499]) <= mid.sigma_max <= float(sigmas[500])
     step_sigmas = [10.0, 5.0, 1.0, 0.5]
     w2 = window_from_step_indices(1, 2, step_sigmas)
-    assert (w2.sigma_min, w2.sigma_max) == (1.0, 5.0)
+    assert (w2.sigma_min, w2.sigma_max) == (1.0, 10.0)  # half-open: up to the step before the first
     assert [w2.contains(s) for s in step_sigmas] == [False, True, True, False]
+    w0 = window_from_step_indices(0, 0, step_sigmas)
+    assert w0.sigma_max == math.inf and [w0.contains(s) for s in step_sigmas] == [True, False, False, False]
+
+
+def test_windows_are_half_open_so_adjacent_windows_partition_the_steps():
+    """A step on a shared edge belongs to the upper window only; [a, b) and [b, c) never share a step."""
+    lower, upper = Window(1.0, 2.0), Window(2.0, 3.0)
+    assert not lower.contains(2.0) and upper.contains(2.0)
+    assert lower.contains(1.0) and not upper.contains(3.0)
+    assert Window(2.0, math.inf).contains(1e9)  # the top window is closed at the top
+
+
+@pytest.mark.parametrize("steps", [7, 50, 100, 333, 1000])
+def test_tenths_of_normalised_time_partition_every_run(steps):
+    """t:0,0.1 ... t:0.9,1 hold each step of a run exactly once; the nine calibrated windows (from
+    t:0.1) hold every step but those below t = 0.1, and each at most once."""
+    from klip_med.pipeline.settings import CALIBRATED_WINDOWS, parse_window
+    from klip_med.sampling.base import plan_steps
+    from klip_med.sampling.schedule import VPSchedule
+
+    a = linear_beta_alphas_cumprod(1000)
+    sigmas = [p.sigma for p in plan_steps(VPSchedule(a), steps)]
+    tenths = [parse_window(f"t:{k / 10:g},{(k + 1) / 10:g}", a) for k in range(10)]
+    assert [sum(w.contains(s) for w in tenths) for s in sigmas] == [1] * steps
+    calibrated = [parse_window(w, a) for w in CALIBRATED_WINDOWS]
+    counts = [sum(w.contains(s) for s in sigmas) for w in calibrated]
+    below = sum(tenths[0].contains(s) for s in sigmas)
+    assert sum(counts) == steps - below
+    assert all(sum(w.contains(s) for w in calibrated) <= 1 for s in sigmas)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +247,7 @@ def test_accumulator_memory_state_does_not_depend_on_steps():
 
 
 def test_normalized_time_window_edges_hold_the_end_steps():
-    """t/T = 0 holds the clean-end step exactly (no exp(log) rounding), t/T = 1 the noisiest."""
+    """t/(T-1) = 0 holds the clean-end step exactly (no exp(log) rounding), t/(T-1) = 1 the noisiest."""
     from klip_med.sampling.schedule import VPSchedule, linear_beta_alphas_cumprod
     from klip_med.score.windows import window_from_normalized_time
 
@@ -228,7 +257,7 @@ def test_normalized_time_window_edges_hold_the_end_steps():
     assert window_from_normalized_time(0.0, 0.5, alphas).contains(last)
     assert window_from_normalized_time(0.5, 1.0, alphas).contains(first)
     mid = window_from_normalized_time(0.25, 0.5, alphas)
-    # t/T = 0.25 and 0.5 sit at timesteps 249.75 and 499.5 of 0..999
+    # t/(T-1) = 0.25 and 0.5 sit at timesteps 249.75 and 499.5 of 0..999
     assert mid.contains(schedule.sigma(250)) and mid.contains(schedule.sigma(499))
     assert not mid.contains(schedule.sigma(249)) and not mid.contains(schedule.sigma(500))
     assert window_from_normalized_time(333 / 999, 1.0, alphas).contains(schedule.sigma(333))

@@ -55,6 +55,8 @@ class BenchSettings:
         deepinv_weight: deepinv DPS guidance weight (deepinv's default 1.0).
         normalization: the accumulator's KL normalisation (as ``klip-med run --normalization``).
         dps_zeta: DPS step size of our DPS sampler (as ``--zeta``).
+        dds_eta, dds_gamma, cg_iters: the fast sampler's DDIM stochasticity, data weight and CG
+            iterations (as ``--eta``, ``--gamma``, ``--cg-iters``).
     """
 
     prior: str
@@ -80,6 +82,9 @@ class BenchSettings:
     deepinv_weight: float = 1.0
     normalization: str = "transition"
     dps_zeta: float = 0.3
+    dds_eta: float = 0.85
+    dds_gamma: float = 1.0
+    cg_iters: int = 5
 
     def __post_init__(self) -> None:
         expect(self.sampler in SAMPLERS, "--sampler", f"one of {list(SAMPLERS)}", repr(self.sampler))
@@ -108,7 +113,8 @@ class BenchSettings:
 
         return KLIPSettings(samples=self.samples, steps=self.steps, sampler=self.sampler,
                             block_size=self.block_size, normalization=self.normalization, seed=self.seed,
-                            dps_zeta=self.dps_zeta)
+                            dps_zeta=self.dps_zeta, dds_eta=self.dds_eta, dds_gamma=self.dds_gamma,
+                            cg_iters=self.cg_iters)
 
     @property
     def compiled(self) -> str | None:

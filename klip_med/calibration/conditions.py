@@ -5,9 +5,9 @@ settings, its windows and one block size. :func:`null_conditions` writes these d
 dict; :func:`differences` compares two such dicts (numbers to 1e-6, so a model written with rounded
 window edges still matches); :func:`null_windows` finds the model's windows among a run's.
 
-Settings objects are read by attribute (``samples``, ``steps``, ``sampler``, ``normalization``,
-``dps_zeta``, ``windows``, ``block_size``): :class:`klip_med.pipeline.KLIPSettings` or anything
-shaped like it.
+Settings are a :class:`klip_med.pipeline.KLIPSettings` (``samples``, ``steps``, ``sampler``,
+``normalization``, ``windows``, ``block_size`` and ``sampler_parameters()``: every sampler setting
+that changes the maps).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def null_conditions(prior, physics_spec: str, settings, windows: Sequence[Window
         "prior_weights_sha256": weights_sha256 or weights_digest(prior),
         "physics": physics_spec,
         "samples": settings.samples, "steps": settings.steps, "sampler": settings.sampler,
-        "normalization": settings.normalization,
-        **({"dps_zeta": settings.dps_zeta} if settings.sampler == "dps" else {}),
+        "normalization": settings.normalization, **settings.sampler_parameters(),
         "windows": [w.as_dict() for w in windows], "block_size": settings.block_size,
     }
 

@@ -7,7 +7,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from klip_med.cli.common import NORMALIZATIONS, add_block_size_flag, add_windows_flag, check_device
+from klip_med.cli.common import (
+    NORMALIZATIONS,
+    RUN_DEFAULTS,
+    add_block_size_flag,
+    add_sampler_parameter_flags,
+    add_windows_flag,
+    check_device,
+)
 from klip_med.errors import expect
 
 
@@ -25,7 +32,7 @@ def run_command(args: argparse.Namespace) -> int:
         compile_mode=args.compile_mode, channels_last=args.channels_last, tf32=args.tf32,
         compare=parse_compare(args.compare), windows=tuple(args.windows or ["full"]), seed=args.seed,
         block_size=args.block_size, deepinv_weight=args.deepinv_weight, normalization=args.normalization,
-        dps_zeta=args.dps_zeta,
+        **{k: getattr(args, k) for k in ("dps_zeta", "dds_eta", "dds_gamma", "cg_iters") if getattr(args, k) is not None},
     )
     check_device(settings.device)
     report = run_bench(settings)
@@ -103,7 +110,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_block_size_flag(p, 8, "block side for the bf16 block-map comparison (default 8)")
     p.add_argument("--normalization", choices=NORMALIZATIONS, default="transition",
                    help="the accumulator's KL normalisation (default transition)")
-    p.add_argument("--zeta", dest="dps_zeta", type=float, default=0.3, help="DPS step size (--sampler dps; default 0.3)")
+    add_sampler_parameter_flags(p, RUN_DEFAULTS)
     p.add_argument("--deepinv-weight", type=float, default=1.0, help="deepinv DPS guidance weight (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seeds the measurement and every run (default 0)")
     p.add_argument("--json", help="write the report to this JSON file (atomically)")

@@ -2,7 +2,8 @@
 every command), their checks, and the list of outputs a run prints.
 
 Flags that mean the same thing have one spelling everywhere: ``--samples``, ``--steps``,
-``--sampler``, ``--seed``, ``--normalization``, ``--zeta`` (DPS), ``--windows`` (one or more, also
+``--sampler``, ``--seed``, ``--normalization``, ``--zeta`` (DPS), ``--eta``, ``--gamma``,
+``--cg-iters`` (the fast sampler), ``--windows`` (one or more, also
 repeatable), ``--block-size``, ``--device``. Older spellings (``--window`` repeated, ``--block``,
 ``--block-sizes``) still work and print a deprecation line on stderr.
 
@@ -18,11 +19,11 @@ from pathlib import Path
 from klip_med.errors import KLIPMedError, expect
 
 RUN_DEFAULTS = {"samples": 4, "steps": 100, "sampler": "fast", "seed": 0, "block_size": 8,
-                "normalization": "transition", "dps_zeta": 0.3}
+                "normalization": "transition", "dps_zeta": 0.3, "dds_eta": 0.85, "dds_gamma": 1.0, "cg_iters": 5}
 """KLIPSettings' defaults, written out so ``--help`` needs no torch import (a test keeps them equal)."""
 NORMALIZATIONS = ("transition", "sde", "paper")
 """``--normalization`` choices (:data:`klip_med.score.NORMALIZATIONS`, kept here for a fast ``--help``)."""
-SETTING_FLAGS = ("samples", "steps", "sampler", "seed", "normalization", "dps_zeta")
+SETTING_FLAGS = ("samples", "steps", "sampler", "seed", "normalization", "dps_zeta", "dds_eta", "dds_gamma", "cg_iters")
 
 
 class Deprecated(argparse.Action):
@@ -75,14 +76,26 @@ def add_sampler_flags(parser: argparse.ArgumentParser, defaults: dict, outputs: 
                        help="KL normalisation: transition (exact nats of each step's Gaussian kernels), sde "
                             "(g(t)^2 dt, for deterministic samplers) or paper (the KLIP paper's) "
                             f"(default {defaults.get('normalization', 'transition')})")
-    group.add_argument("--zeta", dest="dps_zeta", type=float,
-                       help=f"DPS step size (--sampler dps only; default {defaults.get('dps_zeta', 0.3)})")
+    add_sampler_parameter_flags(group, defaults)
     if outputs:
         add_output_flags(group)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return group
+
+
+def add_sampler_parameter_flags(group, defaults: dict) -> None:
+    """``--zeta`` (DPS) and ``--eta``, ``--gamma``, ``--cg-iters`` (the fast sampler); None when unset."""
+    group.add_argument("--zeta", dest="dps_zeta", type=float,
+                       help=f"DPS step size (--sampler dps only; default {defaults.get('dps_zeta', 0.3)})")
+    group.add_argument("--eta", dest="dds_eta", type=float,
+                       help=f"DDIM stochasticity of the fast sampler, 0..1 (default {defaults.get('dds_eta', 0.85)})")
+    group.add_argument("--gamma", dest="dds_gamma", type=float,
+                       help=f"data weight of the fast sampler's proximal step (default {defaults.get('dds_gamma', 1.0)})")
+    group.add_argument("--cg-iters", dest="cg_iters", type=int,
+                       help=f"conjugate-gradient iterations per step of the fast sampler "
+                            f"(default {defaults.get('cg_iters', 5)})")
 
 
 def add_output_flags(group: argparse._ArgumentGroup) -> None:

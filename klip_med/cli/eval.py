@@ -16,7 +16,7 @@ from klip_med.cli.common import (
 from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS
 
 EVAL_DEFAULTS = {"samples": 4, "steps": 100, "sampler": "fast", "seed": 0, "block_size": 8,
-                 "normalization": "transition", "dps_zeta": 0.3}
+                 "normalization": "transition", "dps_zeta": 0.3, "dds_eta": 0.85, "dds_gamma": 1.0, "cg_iters": 5}
 """``klip-med eval``'s sampler defaults."""
 
 
@@ -102,10 +102,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pixel-spacing-mm", type=float, help="for inserted lesions when files carry no spacing")
     p.add_argument("--skip", nargs="*", default=[], choices=BASELINES, metavar="BASELINE",
                    help=f"baselines not to compute ({', '.join(BASELINES)})")
-    p.add_argument("--anoddpm-t", type=float, default=0.25, help="AnoDDPM re-noising time t/T (default 0.25)")
+    p.add_argument("--anoddpm-t", type=float, default=0.25, help="AnoDDPM re-noising time t/(T-1) (default 0.25)")
     p.add_argument("--anoddpm-steps", type=int, default=5, help="AnoDDPM DDIM steps back (default 5)")
     p.add_argument("--eigen-levels", type=_floats, default=(0.1, 0.25, 0.5),
-                   help="EigenScore noise levels as t/T (default 0.1,0.25,0.5)")
+                   help="EigenScore noise levels as t/(T-1) (default 0.1,0.25,0.5)")
     p.add_argument("--eigen-rank", type=int, default=4, help="EigenScore eigenpairs per level (default 4)")
     p.add_argument("--eigen-iterations", type=int, default=3, help="EigenScore subspace iterations (default 3)")
     p.add_argument("--cfs-train-slices", type=int, default=64,

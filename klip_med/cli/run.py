@@ -78,7 +78,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--prior", required=True, help="shipped prior name (see `klip-med priors`) or a prior folder")
     run.add_argument("--out", required=True, help="output folder (a rerun resumes in it)")
     group = add_sampler_flags(run, RUN_DEFAULTS)
-    add_windows_flag(group, "KLIP windows: full | t:A,B (diffusion time t/T) | sigma:A,B (the first one is the "
+    add_windows_flag(group, "KLIP windows: full | t:A,B (diffusion time t/(T-1)) | sigma:A,B (the first one is the "
                             "headline map in nats; default t:0.1,1 (full with --sampler dps) then t:0.1,0.2 ... "
                             "t:0.9,1, the windows the shipped null models combine)")
     add_block_size_flag(group, None, f"block side in working-grid pixels (default {RUN_DEFAULTS['block_size']})")

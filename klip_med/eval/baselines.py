@@ -42,6 +42,7 @@ from torch import Tensor
 from klip_med.errors import KLIPMedError
 from klip_med.eval.names import BASELINES  # noqa: E402  (re-exported)
 from klip_med.sampling.schedule import VPSchedule
+from klip_med.score.windows import timestep_at
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,16 @@ class BaselineSettings:
     """Settings of the baselines that call the prior again.
 
     Attributes:
-        anoddpm_t: normalised diffusion time t / T the posterior mean is re-noised to, in (0, 1).
+        anoddpm_t: normalised diffusion time t / (T - 1) the posterior mean is re-noised to, in (0, 1).
             0.25 (t = 250 of 1000) is AnoDDPM's choice.
         anoddpm_steps: deterministic DDIM steps from t back to 0 (1 = one Tweedie step).
-        eigen_levels: normalised times t / T of the noise levels EigenScore probes.
+        eigen_levels: normalised times t / (T - 1) of the noise levels EigenScore probes.
         eigen_rank: leading eigenpairs k per level.
         eigen_iterations: subspace iterations per level (the last one is a Rayleigh-Ritz step).
         eigen_fd: finite-difference step as a fraction of the noise level sigma (per-pixel RMS of
             the perturbation).
         cfs_train_slices: ID training slices the ``cfs`` feature density is fitted on.
-        cfs_t: normalised time t / T of the ``cfs`` feature snapshot (a low noise level).
+        cfs_t: normalised time t / (T - 1) of the ``cfs`` feature snapshot (a low noise level).
         skip: baseline names not to compute (see :data:`BASELINES`).
     """
 
@@ -178,7 +179,7 @@ def centrality_blocks(shape: Sequence[int], block_size: int) -> np.ndarray:
 
 
 def _timestep(frac: float, schedule: VPSchedule) -> int:
-    return int(round(frac * (schedule.num_train_timesteps - 1)))
+    return int(round(timestep_at(frac, schedule.num_train_timesteps)))
 
 
 def _eps(prior, x: Tensor, t: int) -> Tensor:
@@ -246,7 +247,7 @@ def eigenscore(prior, x_mean: Tensor, generator: torch.Generator, levels: Sequen
 
     Args:
         x_mean: (H, W) the reconstruction, prior units.
-        levels: normalised times t / T of the noise levels.
+        levels: normalised times t / (T - 1) of the noise levels.
         rank, iterations, fd: see :class:`BaselineSettings`.
 
     Returns:

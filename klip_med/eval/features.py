@@ -25,6 +25,7 @@ from torch import Tensor
 from klip_med.data.masks import BODY_LEVEL_PRIOR, body_mask
 from klip_med.errors import KLIPMedError
 from klip_med.sampling.schedule import VPSchedule
+from klip_med.score.windows import timestep_at
 
 
 def _layers(prior) -> list[torch.nn.Module]:
@@ -39,7 +40,7 @@ def _layers(prior) -> list[torch.nn.Module]:
 def unet_features(prior, images: Tensor, generator: torch.Generator, t_frac: float = 0.05) -> Tensor:
     """Stacked UNet features of ``images`` (B, 1, H, W) at the canonical noise level, (B, D, h, w)."""
     schedule = VPSchedule(prior.alphas_cumprod)
-    t = int(round(t_frac * (schedule.num_train_timesteps - 1)))
+    t = int(round(timestep_at(t_frac, schedule.num_train_timesteps)))
     a = schedule.alpha_bar(t)
     x = images.to(prior.device, torch.float32)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)

@@ -20,7 +20,7 @@ from klip_med.score.windows import check_windows_cover_steps, window_from_normal
 SAMPLERS = ("fast", "dps")
 
 CALIBRATED_WINDOWS = tuple(f"t:{k / 10:g},{(k + 1) / 10:g}" for k in range(1, 10))
-"""The nine windows t/T in [0.1, 0.2], ..., [0.9, 1] whose null z-scores the default map combines
+"""The nine windows t/(T-1) in [0.1, 0.2], ..., [0.9, 1] whose null z-scores the default map combines
 (the last 10% of the run, t < 0.1, is left out: the sampler's deterministic last step dominates it)."""
 RUN_WINDOWS = ("t:0.1,1", *CALIBRATED_WINDOWS)
 """Windows of ``klip-med run`` / ``demo`` by default: the span ``t:0.1,1`` first (the headline map in
@@ -31,7 +31,7 @@ see BENCHMARKS.md (issue 8)."""
 def parse_window(spec: str, alphas_cumprod: Tensor) -> Window:
     """A window from a CLI string.
 
-    ``full``: every step. ``t:a,b``: normalised diffusion time t/T in [a, b] (0 = clean end).
+    ``full``: every step. ``t:a,b``: normalised diffusion time t/(T-1) in [a, b] (0 = clean end).
     ``sigma:a,b``: canonical noise level in [a, b] (prior intensity units; ``inf`` allowed).
     """
     spec = spec.strip()
@@ -66,6 +66,10 @@ class KLIPSettings:
         top_k: the image score's top-k mean over blocks inside the body.
         seed: seeds the measurement noise / mask draw and the sampler.
         dps_zeta: DPS step size (DPS only).
+        dds_eta: DDIM stochasticity of the fast sampler, in [0, 1] (DDS only).
+        dds_gamma: weight of the data term of the fast sampler's proximal step, > 0 (DDS only).
+        cg_iters: conjugate-gradient iterations per step of the fast sampler (DDS only).
+        clip_x0: optional (low, high) range the denoised estimate is clipped to (both samplers).
     """
 
     samples: int = 4
@@ -77,16 +81,35 @@ class KLIPSettings:
     top_k: int = 5
     seed: int = 0
     dps_zeta: float = 0.3
+    dds_eta: float = 0.85
+    dds_gamma: float = 1.0
+    cg_iters: int = 5
+    clip_x0: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise KLIPMedError(f"sampler: expected one of {SAMPLERS}, found {self.sampler!r}")
-        for name in ("samples", "steps", "block_size", "top_k"):
+        for name in ("samples", "steps", "block_size", "top_k", "cg_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise KLIPMedError(f"{name}: expected a positive integer, found {value!r}")
         if not self.windows:
             raise KLIPMedError("windows: expected at least one window, found none")
+        if not 0.0 <= self.dds_eta <= 1.0:
+            raise KLIPMedError(f"eta: expected a DDIM stochasticity in [0, 1], found {self.dds_eta!r}")
+        if not self.dds_gamma > 0:
+            raise KLIPMedError(f"gamma: expected a data weight > 0, found {self.dds_gamma!r}")
+        if not self.dps_zeta >= 0:
+            raise KLIPMedError(f"zeta: expected a DPS step size >= 0, found {self.dps_zeta!r}")
+        if self.clip_x0 is not None and not (len(self.clip_x0) == 2 and self.clip_x0[0] < self.clip_x0[1]):
+            raise KLIPMedError(f"clip_x0: expected None or a (low, high) pair with low < high, found {self.clip_x0!r}")
+
+    def sampler_parameters(self) -> dict[str, Any]:
+        """Every setting of the chosen sampler that changes the maps (a null model's conditions)."""
+        clip = None if self.clip_x0 is None else [float(v) for v in self.clip_x0]
+        if self.sampler == "dps":
+            return {"dps_zeta": self.dps_zeta, "clip_x0": clip}
+        return {"dds_eta": self.dds_eta, "dds_gamma": self.dds_gamma, "cg_iters": self.cg_iters, "clip_x0": clip}
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready settings (windows as :meth:`klip_med.score.Window.as_dict`)."""
@@ -94,7 +117,7 @@ class KLIPSettings:
             "samples": self.samples, "steps": self.steps, "sampler": self.sampler,
             "windows": [w.as_dict() for w in self.windows],
             "block_size": self.block_size, "normalization": self.normalization, "top_k": self.top_k,
-            "seed": self.seed, **({"dps_zeta": self.dps_zeta} if self.sampler == "dps" else {}),
+            "seed": self.seed, **self.sampler_parameters(),
         }
 
 
@@ -103,8 +126,9 @@ def make_sampler(prior, settings: KLIPSettings):
     from klip_med.sampling import DDSSampler, DPSSampler
 
     if settings.sampler == "fast":
-        return DDSSampler(prior, n_steps=settings.steps)
-    return DPSSampler(prior, n_steps=settings.steps, zeta=settings.dps_zeta)
+        return DDSSampler(prior, n_steps=settings.steps, eta=settings.dds_eta, gamma=settings.dds_gamma,
+                          cg_iters=settings.cg_iters, clip_x0=settings.clip_x0)
+    return DPSSampler(prior, n_steps=settings.steps, zeta=settings.dps_zeta, clip_x0=settings.clip_x0)
 
 
 def check_windows(prior, settings: KLIPSettings) -> None:

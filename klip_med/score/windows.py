@@ -1,10 +1,18 @@
 """Windows of diffusion time on the canonical noise-level axis.
 
-A window is an interval ``[sigma_min, sigma_max]`` of the canonical noise level ``sigma`` of
+A window is a half-open interval ``[sigma_min, sigma_max)`` of the canonical noise level ``sigma`` of
 the step's input (DESIGN.md section 2): ``sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` for a
 variance-preserving prior. That axis does not depend on the backbone's parameterisation or on the
 number of sampling steps, so the same window means the same thing for any sampler. Helpers convert
-from normalised time ``t / T`` and from step indices of a given run.
+from normalised time ``t / (T - 1)`` and from step indices of a given run.
+
+Half-open windows partition the steps: adjacent windows (``t:0.1,0.2`` and ``t:0.2,0.3``) share an edge
+but never a step. A window reaching the top of the schedule (``sigma_max = inf``, e.g. ``t:a,1`` and
+``full``) holds every step above ``sigma_min``.
+
+Normalised time: ``u = t / (T - 1)`` for the training timesteps ``t = 0 .. T - 1`` of a prior with T
+of them, so ``u = 0`` is the clean end and ``u = 1`` the noisiest training timestep
+(:func:`normalized_time`); ``t:a,b`` windows and every ``t/(T-1)`` option of klip_med use it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from klip_med.errors import KLIPMedError
 
 @dataclass(frozen=True)
 class Window:
-    """A closed interval of canonical noise level: a step belongs when sigma_min <= sigma <= sigma_max.
+    """A half-open interval of canonical noise level: a step belongs when sigma_min <= sigma < sigma_max
+    (every sigma >= sigma_min when sigma_max is ``inf``).
 
     Args:
         sigma_min: lower edge (>= 0).
@@ -47,7 +56,7 @@ class Window:
 
     def contains(self, sigma: float) -> bool:
         """Whether a step at canonical noise level ``sigma`` belongs to the window."""
-        return self.sigma_min <= sigma <= self.sigma_max
+        return self.sigma_min <= sigma < self.sigma_max or (math.isinf(self.sigma_max) and sigma >= self.sigma_min)
 
     @property
     def label(self) -> str:
@@ -71,13 +80,29 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return ((1.0 - a) / a).sqrt()
 
 
+def normalized_time(timestep: float, n_train_steps: int) -> float:
+    """``u = t / (T - 1)``: a training timestep ``t`` (0 .. T - 1) on the normalised axis [0, 1]."""
+    if n_train_steps < 2:
+        raise KLIPMedError(f"n_train_steps: expected at least 2 training timesteps, found {n_train_steps}")
+    return float(timestep) / (n_train_steps - 1)
+
+
+def timestep_at(u: float, n_train_steps: int) -> float:
+    """The inverse of :func:`normalized_time`: ``t = u * (T - 1)`` (fractional between timesteps)."""
+    if not 0.0 <= u <= 1.0:
+        raise KLIPMedError(f"normalised time: expected a value in [0, 1], found {u}")
+    return float(u) * (n_train_steps - 1)
+
+
 def window_from_normalized_time(
     t_start: float, t_end: float, alphas_cumprod: Tensor, name: str | None = None
 ) -> Window:
-    """Window covering normalised diffusion times ``t/T`` in ``[t_start, t_end]`` of a VP schedule.
+    """Window covering normalised diffusion times ``u = t / (T - 1)`` in ``[t_start, t_end)`` of a VP
+    schedule (``t_end = 1`` closes it at the top).
 
-    ``t/T = 0`` is the clean end, ``1`` the noisiest training timestep. Fractional timesteps are
-    placed on the schedule by linear interpolation of ``log sigma`` between integer timesteps.
+    ``u = 0`` is the clean end, ``1`` the noisiest training timestep (:func:`normalized_time`).
+    Fractional timesteps are placed on the schedule by linear interpolation of ``log sigma`` between
+    integer timesteps.
 
     Args:
         t_start, t_end: normalised times, ``0 <= t_start <= t_end <= 1``.
@@ -93,7 +118,7 @@ def window_from_normalized_time(
     steps = log_sigmas.numel() - 1
 
     def sigma_at(frac: float) -> float:
-        pos = frac * steps
+        pos = timestep_at(frac, steps + 1)
         lo = min(int(math.floor(pos)), steps)
         hi = min(lo + 1, steps)
         w = pos - lo
@@ -101,7 +126,7 @@ def window_from_normalized_time(
             return float(sigmas[lo])
         return float(torch.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]))
 
-    # The ends of [0, 1] are open-ended on the sigma axis, so t/T = 0 and 1 always hold the
+    # The ends of [0, 1] are open-ended on the sigma axis, so t/(T-1) = 0 and 1 always hold the
     # clean-end and the noisiest steps of any respacing.
     lo = 0.0 if t_start == 0.0 else sigma_at(t_start)
     hi = math.inf if t_end == 1.0 else sigma_at(t_end)
@@ -111,7 +136,9 @@ def window_from_normalized_time(
 def window_from_step_indices(
     first: int, last: int, step_sigmas: Sequence[float], name: str | None = None
 ) -> Window:
-    """Window holding steps ``first .. last`` (inclusive, sampling order) of a run.
+    """Window holding exactly steps ``first .. last`` (inclusive, sampling order) of a run: from the
+    last step's sigma up to (not including) the sigma of the step before ``first`` (open-ended when
+    ``first`` is the run's first step).
 
     Args:
         first, last: step indices, ``0 <= first <= last < len(step_sigmas)``.
@@ -125,7 +152,11 @@ def window_from_step_indices(
             f"found first={first}, last={last}"
         )
     chosen = [float(s) for s in step_sigmas[first : last + 1]]
-    return Window(min(chosen), max(chosen), name=name)
+    upper = math.inf if first == 0 else float(step_sigmas[first - 1])
+    if upper <= max(chosen):
+        raise KLIPMedError(f"step_sigmas: expected strictly decreasing noise levels, found {step_sigmas[first - 1]} "
+                           f"before {max(chosen)}")
+    return Window(min(chosen), upper, name=name)
 
 
 def check_windows_cover_steps(windows: Sequence[Window], step_sigmas: Sequence[float], argument: str = "windows",
