@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from klip_med import priors
+from klip_med.pipeline.demo import bundled_mri_slice
 from klip_med.data.masks import body_mask
 from klip_med.physics import baseline_reconstruction, parse_physics
 from klip_med.pipeline import parse_window
@@ -40,7 +41,6 @@ from klip_med.sampling.deepinv_adapter import deepinv_dps
 from klip_med.score import KLIPAccumulator
 from klip_med.score.blocks import blocks_inside_mask, image_score, pool_blocks
 
-CASE = Path(__file__).resolve().parents[1] / "klip_med" / "cases" / "lgg_flair_demo.npz"
 PRIOR = "mri-brain-flair-128"
 WINDOWS = ("full", "t:0.3,1", "t:0.6,1")
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     prior = priors.load(PRIOR, device=args.device)
     shape = tuple(prior.image_shape)
-    with np.load(CASE) as case:
-        flair, tumour, scale = case["flair"], case["mask"].astype(bool), float(case["volume_mr_scale"])
-    truth = torch.as_tensor(prior.config.intensity.to_model(flair.astype(np.float32), scale), device=args.device)
+    truth, tumour = bundled_mri_slice(prior, args.device)  # (H, W) prior units, (H, W) bool
     physics = parse_physics(args.physics, shape[-1], generator=torch.Generator(device=args.device).manual_seed(args.seed),
                             device=args.device)
     y = physics(truth.reshape(1, *shape))

@@ -2,6 +2,7 @@
 
     python examples/dicom_to_viewer_overlays.py --out overlays_out               # pydicom's CT5N, ~20 s
     python examples/dicom_to_viewer_overlays.py --input my_ct_series/ --samples 4 --steps 50
+    python examples/dicom_to_viewer_overlays.py --out overlays_out --threshold p99  # a SEG without a null
 
 Without ``--input`` the script uses the 5-slice CT series bundled with pydicom (``CT5N``, 16 x 16
 pixels: tiny, but real DICOM with real geometry and UIDs). It runs ``klip-med run`` through its
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--physics", default="ct-sparse:views=24,noise=0.5")
     parser.add_argument("--samples", type=int, default=1, help="posterior samples per slice")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps")
+    parser.add_argument("--threshold", default="auto",
+                        help="OOD mask rule (klip-med run --threshold). auto writes a SEG only where a null model "
+                             "for these settings exists; 'p99' flags this volume's top 1%% of blocks, uncalibrated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     code = klip_med_main(["run", "--input", str(args.input), "--physics", args.physics, "--prior", args.prior,
                           "--out", str(args.out), "--samples", str(args.samples), "--steps", str(args.steps),
-                          "--seed", str(args.seed), "--device", args.device, "--no-progress"])
+                          "--seed", str(args.seed), "--device", args.device, "--threshold", args.threshold,
+                          "--no-progress"])
     if code != 0:
         raise SystemExit(code)
 
@@ -63,15 +68,22 @@ def main(argv: list[str] | None = None) -> None:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         print(f"  {path.relative_to(args.out)!s:<40} {ds.Modality:<3} {ds.SOPClassUID.name}")
 
-    seg = hd.seg.segread(args.out / "dicom" / "klip_seg.dcm")
     pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(args.out / "dicom" / "klip_pm.dcm"))
-    labels = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
-    for name, ds in (("SEG", seg), ("Parametric Map", pm)):
+    objects = [("Parametric Map", pm)]
+    seg_path = args.out / "dicom" / "klip_seg.dcm"
+    seg = hd.seg.segread(seg_path) if seg_path.is_file() else None
+    if seg is None:
+        print(f"SEG             none: {summary['threshold'].get('meaning', summary['threshold'])}")
+    else:
+        objects.insert(0, ("SEG", seg))
+    for name, ds in objects:
         refs = referenced_series(ds)
         same = "matches the source" if refs == [source_series] else "DOES NOT match the source"
         print(f"{name:<15} same frame of reference: {ds.FrameOfReferenceUID == source.datasets[0].FrameOfReferenceUID}, "
               f"referenced series {', '.join(refs) or 'none'} ({same})")
-    print(f"SEG segments    {labels}, {seg.number_of_frames} frames")
+    if seg is not None:
+        labels = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
+        print(f"SEG segments    {labels}, {seg.number_of_frames} frames")
     print(f"image score     {summary['score']['max_nats_per_pixel']:.4g} nats/pixel (max block density inside "
           f"the body), prior {summary['prior']['name']}, physics {summary['physics']['spec']}")
     print(f"outputs         {args.out} (summary.json, recon.nii.gz, klip.nii.gz, report.png, dicom/)")

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from klip_med.eval.cache import read_slice  # noqa: E402
 from klip_med.eval.metrics import lesion_blocks, localisation  # noqa: E402
-from klip_med.eval.nulls import add_null_maps, method_name  # noqa: E402
+from klip_med.eval.nulls import add_null_maps, method_name, null_models  # noqa: E402
 from klip_med.eval.summary import _inside  # noqa: E402
 from klip_med.pipeline import CALIBRATED_WINDOWS  # noqa: E402
 from klip_med.score.blocks import pool_blocks  # noqa: E402
@@ -40,7 +40,8 @@ def main() -> None:
     args = ap.parse_args()
     b = args.block_size
     entries = [read_slice(Path(p)) for p in sorted(glob.glob(str(Path(args.run) / "slices" / "*.npz")))]
-    entries = add_null_maps(entries, "lopo", CALIBRATED_WINDOWS, b)
+    models, blocks = null_models(entries, "lopo", CALIBRATED_WINDOWS, b)
+    entries = add_null_maps(entries, models, blocks, CALIBRATED_WINDOWS, b)
     zname = method_name(CALIBRATED_WINDOWS)
     ood = [e for e in entries if e.label == 1]
     picks = [ood[i] for i in np.linspace(0, len(ood) - 1, min(args.n, len(ood))).round().astype(int)]

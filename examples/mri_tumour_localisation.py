@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from klip_med import priors
+from klip_med.pipeline.demo import bundled_mri_slice
 from klip_med.eval.metrics import lesion_blocks, localisation
 from klip_med.pipeline import KLIPSettings, parse_window, reconstruct_image
 from klip_med.score.blocks import pool_blocks
 
-CASE = Path(__file__).resolve().parents[1] / "klip_med" / "cases" / "lgg_flair_demo.npz"
 PRIOR = "mri-brain-flair-128"
 WINDOWS = ("full", "t:0.3,1", "t:0.6,1")
 
@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     prior = priors.load(PRIOR, device=args.device)
-    with np.load(CASE) as case:
-        flair, tumour, scale = case["flair"], case["mask"].astype(bool), float(case["volume_mr_scale"])
-    truth = prior.config.intensity.to_model(flair.astype(np.float32), scale)  # prior units, [-1, 1]
+    truth, tumour = bundled_mri_slice(prior)  # (H, W) prior units in [-1, 1], (H, W) bool
+    truth = truth.numpy()
     windows = tuple(parse_window(w, prior.alphas_cumprod) for w in WINDOWS)
     settings = KLIPSettings(samples=args.samples, steps=args.steps, windows=windows, block_size=args.block_size,
                             seed=args.seed)
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = lesion_blocks(tumour, args.block_size)
     n_pos = int(labels[inside].sum())
 
-    print(f"case            {CASE.name} (TCGA-LGG, held out), tumour {int(tumour.sum())} pixels")
+    print(f"case            lgg_flair_demo.npz (TCGA-LGG, held out), tumour {int(tumour.sum())} pixels")
     print(f"prior / physics {PRIOR} / {args.physics}, {args.samples} samples x {args.steps} steps")
     print(f"blocks          {int(inside.sum())} {args.block_size}x{args.block_size} blocks inside the body, "
           f"{n_pos} overlap the tumour")

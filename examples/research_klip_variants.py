@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from klip_med.calibration.null_model import NullModel
+from klip_med.calibration.fit import fit_null
 from klip_med.eval.cache import read_slice
 from klip_med.eval.metrics import lesion_blocks, localisation, patient_bootstrap
 from klip_med.eval.nulls import cached_blocks as null_blocks
@@ -160,7 +160,7 @@ def main() -> None:
             ins = [inside[o.key] for o in others]
             val = blocks_of(e, name)
             for kind, cond in (("z_pos", "position"), ("z_int", "intensity")):
-                null = NullModel.fit(dens, ints, ins, {}, "lopo", conditioning=cond)
+                null = fit_null(dens, ints, ins, {}, "lopo", conditioning=cond)
                 out[kind][e.key] = null.z_scores(val, covs(e))
             ys = np.concatenate([id_blocks[o.key][inside[o.key]] for o in others])
             xs = np.concatenate([cov[o.key][inside[o.key]] for o in others])
@@ -184,7 +184,7 @@ def main() -> None:
                 others = [o for o in idd if o.patient != e.patient]
                 total = 0.0
                 for n in parts:
-                    null = NullModel.fit([blocks_of(o, n) for o in others], [covs(o) for o in others],
+                    null = fit_null([blocks_of(o, n) for o in others], [covs(o) for o in others],
                                          [inside[o.key] for o in others], {}, "lopo", conditioning="position")
                     total = total + null.z_scores(blocks_of(e, n))
                 maps[e.key] = total
@@ -221,7 +221,7 @@ def main() -> None:
                     xs = np.concatenate([cov[o.key][inside[o.key]] for o in others])
                     val = np.log(blocks_of(e, n) + EPS)
                     if family == "position":
-                        null = NullModel.fit([blocks_of(o, n) for o in others], [covs(o) for o in others],
+                        null = fit_null([blocks_of(o, n) for o in others], [covs(o) for o in others],
                                              [inside[o.key] for o in others], {}, "lopo", conditioning="position")
                         mu, sd = null.mean[0], null.std[0]
                     else:
@@ -245,7 +245,7 @@ def main() -> None:
             for p in sorted({e.patient for e in idd}):
                 train = [e for e in idd if e.patient != p]
                 d, c, m = zip(*(blk[e.key] for e in train), strict=True)
-                null = NullModel.fit(d, c, m, {}, "lopo", conditioning="position",
+                null = fit_null(d, c, m, {}, "lopo", conditioning="position",
                                      groups=None if mode == "image" else [e.patient for e in train])
                 for e in (e for e in idd if e.patient == p):
                     dd, cc, mm = blk[e.key]

@@ -61,7 +61,7 @@ def test_report_has_every_field_with_its_type(report):
         "klip_overhead_isolated_fraction": float, "accumulator_peak_bytes": int,
         "deepinv_seconds_per_slice": float, "deepinv_plain_seconds_per_slice": float, "psnr_db": float,
         "deepinv_psnr_db": float, "trajectory_seconds_per_slice": float, "trajectory_bytes": int,
-        "weights": str, "roofline": dict, "environment": dict, "timings": dict,
+        "weights": str, "roofline": dict, "environment": dict, "timings": dict, "warmup_seconds": float,
     }
     for key, kind in expected.items():
         assert isinstance(data[key], kind), (key, data[key])
@@ -72,6 +72,11 @@ def test_report_has_every_field_with_its_type(report):
     assert data["bf16_klip_max_rel_error"] is None  # float32 run
     assert data["same_samples_with_and_without_klip"] is True
     assert data["trajectory"]["max_relative_difference_vs_streaming"] < 1e-5
+    assert data["deepinv"]["samples"] == data["samples"] == 2 and data["deepinv"]["steps"] == 3
+    roof = data["roofline"]
+    assert roof["fraction_of_matmul_rate"] == pytest.approx(roof["achieved_network_tflops"]
+                                                            / roof["device_matmul_tflops"])
+    assert data["compile"] is None and data["compile_backend"] is None
 
 
 def test_rates_and_overhead_follow_from_the_recorded_timings(report):
@@ -181,3 +186,81 @@ def test_sampler_loop_does_not_synchronise_with_the_host(tiny_prior, sampler):
                                                observers=[KLIPAccumulator(), strict_from_now_on])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------- suites, the training probe, compile plumbing
+
+
+def test_suite_runs_in_order_records_errors_and_skips_what_does_not_fit(tiny_prior, tmp_path):
+    import time
+
+    from klip_med.bench import SuiteEntry, format_table, run_suite
+
+    fast = dict(samples=1, steps=2, repeats=1, warmup=0, compare=())
+    entries = [SuiteEntry("ok", BenchSettings(prior=str(tiny_prior), **fast), note="runs"),
+               SuiteEntry("broken", BenchSettings(prior=str(tmp_path / "no-prior"), **fast)),
+               SuiteEntry("too-long", BenchSettings(prior=str(tiny_prior), **fast), min_seconds=1e6)]
+    lines = []
+    path = tmp_path / "suite.json"
+    doc = run_suite(entries, path, deadline=time.time() + 600, log=lines.append, extra={"machine": "test"})
+    on_disk = json.loads(path.read_text(encoding="utf-8"))
+    assert on_disk == json.loads(json.dumps(doc)) and on_disk["machine"] == "test"
+    assert [(e["label"], e["status"]) for e in on_disk["entries"]] == [("ok", "ok"), ("broken", "error"),
+                                                                      ("too-long", "skipped")]
+    assert "KLIPMedError" in on_disk["entries"][1]["error"] and "time budget" in on_disk["entries"][2]["reason"]
+    row = on_disk["summary"][0]
+    assert row["label"] == "ok" and row["seconds_per_slice"] == on_disk["entries"][0]["report"]["seconds_per_slice"]
+    assert format_table(on_disk["summary"]).splitlines()[1].startswith("ok ")
+    # a second pass appends to the same document; labels stay unique
+    doc = run_suite([SuiteEntry("late", BenchSettings(prior=str(tiny_prior), **fast))], path, doc=doc, log=lines.append)
+    assert [e["label"] for e in json.loads(path.read_text(encoding="utf-8"))["entries"]][-1] == "late"
+    with pytest.raises(KLIPMedError, match="suite labels: expected unique labels"):
+        run_suite([SuiteEntry("ok", BenchSettings(prior=str(tiny_prior)))], path, doc=doc)
+    assert [p.name for p in tmp_path.iterdir()] == ["suite.json"]
+
+
+def test_choose_batch_takes_the_largest_batch_that_still_helps():
+    from klip_med.bench import choose_batch
+
+    assert choose_batch([(64, 1000.0), (128, 1800.0), (256, 2000.0)])[0] == 128  # 2000 < 1.15 x 1800
+    assert choose_batch([(64, 1000.0), (128, 1100.0), (256, 2400.0)])[0] == 64  # stops at the first miss
+    batch, reason = choose_batch([(64, 1000.0), (128, 1800.0), (256, 3000.0)])
+    assert batch == 256 and "largest tried" in reason
+    assert choose_batch([(8, 5.0)]) == (8, "every larger batch helped up to the largest tried, 8 (5 images/s)")
+    with pytest.raises(KLIPMedError, match="increasing batch sizes"):
+        choose_batch([(128, 1.0), (64, 2.0)])
+
+
+def test_training_probe_times_the_training_step(tiny_prior):
+    from klip_med.bench import train_throughput
+
+    probe = train_throughput(str(tiny_prior), "cpu", (2, 4), steps=1, warmup=1)
+    assert [r["batch"] for r in probe["rows"]] == [2, 4] and probe["image_size"] == SIZE
+    for row in probe["rows"]:
+        assert row["images_per_second"] == pytest.approx(row["batch"] / row["seconds_per_step"])
+        assert row["peak_gpu_bytes"] is None
+    assert probe["chosen_batch"] in (2, 4) and probe["options"]["mixed_precision"] == "float32"
+    assert probe["weights"] == "trained"
+    bigger = train_throughput(str(tiny_prior), "cpu", (2,), steps=1, warmup=0, image_size=32)
+    assert bigger["image_size"] == 32 and bigger["weights"] == "random-init" and bigger["chosen_batch"] == 2
+    late = train_throughput(str(tiny_prior), "cpu", (2, 4), steps=1, warmup=0, deadline=0.0)
+    assert [r.get("skipped") for r in late["rows"]] == ["time budget"] * 2 and late["chosen_batch"] is None
+
+
+def test_cuda_graph_outputs_are_copied_out_of_their_buffers():
+    """CUDA graphs reuse output buffers at the next replay and the samplers keep outputs across
+    steps: under reduce-overhead the wrapper returns a copy (shown here with an aliasing network)."""
+    from klip_med.bench.case import NetworkOptions
+
+    class Passthrough(torch.nn.Module):
+        def forward(self, x, t):
+            return x
+
+    x = torch.randn(2, 1, 4, 4)
+    eager = NetworkOptions(Passthrough(), "cpu")
+    graphs = NetworkOptions(Passthrough(), "cpu", compile_mode="reduce-overhead", compile_backend="eager")
+    assert eager(x, torch.zeros(2)).data_ptr() == x.data_ptr()
+    out = graphs(x, torch.zeros(2))
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    with pytest.raises(KLIPMedError, match="--compile-backend: expected one of"):
+        BenchSettings(prior="x", compile_backend="tvm")

@@ -77,7 +77,8 @@ def _run_args(inp: Path, prior: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("case", ["mri", "ct"])
 def test_demo_writes_every_output(case, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--case", case, "--out", str(out), *TINY]) == 0
+    # TINY settings have no null model: an uncalibrated mask must be asked for by name
+    assert main(["demo", "--case", case, "--out", str(out), *TINY, "--threshold", "p95"]) == 0
     printed = capsys.readouterr().out
     assert "image score" in printed and "nats/pixel" in printed and str(out) in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -108,7 +109,7 @@ def test_demo_writes_every_output(case, tmp_path, capsys):
     slope = float(series.datasets[0].get("RescaleSlope", 1.0))
     np.testing.assert_allclose(series.pixels, recon, atol=0.5 * slope + 1e-3)
     labels, names = read_seg(out / "dicom" / "klip_seg.dcm", source)
-    assert names == {1: "OOD"} and labels.any()
+    assert names == {1: "OOD"} and labels.any() and summary["threshold"]["rule"].startswith("uncalibrated")
     assert int(labels.astype(bool).sum()) == summary["threshold"]["source_pixels_flagged"]
     sc = pydicom.dcmread(out / "dicom" / "klip_sc.dcm")
     assert sc.PhotometricInterpretation == "RGB"
@@ -168,7 +169,8 @@ def test_run_interrupted_resumes_to_the_same_outputs(tiny_ct_prior, ct_nifti, tm
 
 def test_run_dicom_series_writes_dicom_objects(tiny_ct_prior, tmp_path):
     out = tmp_path / "out"
-    args = _run_args(CT5N, tiny_ct_prior, out, "--slice-batch", "2", "--windows", "full", "t:0.3,1")
+    args = _run_args(CT5N, tiny_ct_prior, out, "--slice-batch", "2", "--windows", "full", "t:0.3,1",
+                     "--threshold", "p95")
     assert main(args) == 0
     source = read_dicom_series(CT5N)
     summary = json.loads((out / "summary.json").read_text())
@@ -186,6 +188,17 @@ def test_run_dicom_series_writes_dicom_objects(tiny_ct_prior, tmp_path):
     assert len(captures) == 5
     for path in [out / "dicom" / "klip_pm.dcm", out / "dicom" / "klip_seg.dcm", captures[0]]:
         _dciodvfy_clean(path)
+
+
+def test_without_a_null_model_no_mask_is_written_and_the_run_says_why(tiny_ct_prior, ct_nifti, tmp_path, capsys):
+    """--threshold auto with no null model: no SEG (a percentile mask flags 5% of any scan)."""
+    out = tmp_path / "out"
+    assert main(_run_args(CT5N, tiny_ct_prior, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"]["kind"] == "none" and summary["threshold"]["blocks_flagged"] == 0
+    assert "no null model" in summary["threshold"]["rule"] and summary["outputs"]["seg"] is None
+    assert not (out / "dicom" / "klip_seg.dcm").exists() and (out / "dicom" / "klip_pm.dcm").is_file()
+    assert "seg                (not written: no null model applies" in capsys.readouterr().out
 
 
 def test_npz_input_conventions(tmp_path):
@@ -309,7 +322,9 @@ def test_calibrate_then_run_with_a_null_model(tiny_ct_prior, ct_nifti, tmp_path,
                  "--prior-samples", "6", "--out", str(null_path), *flags]) == 0
     assert "wrote" in capsys.readouterr().out
     null = json.loads(null_path.read_text())
-    assert null["format"] == "klip-med-null" and null["n_images"] == 6 and null["conditioning"] == "position"
+    assert null["format"] == "klip-med-null" and null["n_images"] == 6 and null["fingerprints"] == []
+    assert null["conditioning"] == null["extra"]["selection"]["chosen"] in ("none", "position", "edge")
+    assert 0 < null["effective_fraction"] <= 1 and null["spread"] == "predictive"
     assert null["conditions"]["physics"] == "ct-sparse:views=20,noise=0.5" and null["conditions"]["block_size"] == 8
 
     out = tmp_path / "out"
@@ -318,10 +333,16 @@ def test_calibrate_then_run_with_a_null_model(tiny_ct_prior, ct_nifti, tmp_path,
     assert main([*run, "--physics", "ct-sparse:views=20,noise=0.5"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"]["kind"] == "fpr" and summary["threshold"]["value"] == 0.2
-    assert summary["null_model"] == str(null_path) and len(summary["null"]["max_z_per_slice"]) == 3
-    assert all(0 < p <= 1 for p in summary["null"]["min_p_per_slice"])
+    levels = summary["null"]
+    assert summary["null_model"] == str(null_path) and len(levels["max_z_per_slice"]) == 3
+    assert all(0 < p <= 1 for p in levels["block_p_of_max_per_slice"]) and len(levels["slice_p"]) == 3
+    # a slice's p-value corrects for its blocks: never below its maximum's block p-value; the volume's
+    # (every block of every slice) never below the smallest slice p-value
+    assert all(s >= b - 1e-12 for s, b in zip(levels["slice_p"], levels["block_p_of_max_per_slice"], strict=True))
+    assert min(levels["slice_p"]) - 1e-12 <= levels["volume_p"] <= 1
+    assert set(levels["meaning"]) == {"z", "block_p", "slice_p", "volume_p"}
     top = summary["top_blocks"][0]
-    assert np.isfinite(top["null_z"]) and 0 < top["null_p"] <= 1
+    assert np.isfinite(top["null_z"]) and 0 < top["block_p"] <= top["slice_p"] <= 1
     z = _nifti_zhw(out / "klip_z.nii.gz")
     assert z.shape == (3, 40, 48) and np.isfinite(z).all()
     assert top["null_z"] == pytest.approx(max(summary["null"]["max_z_per_slice"]), abs=1e-4)  # ranked by z

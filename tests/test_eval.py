@@ -138,9 +138,9 @@ def test_localisation_is_one_when_the_lesion_block_is_highest():
 
 
 def test_paired_difference_of_identical_methods_is_zero():
-    a = [0.9, 0.7, None, 0.8]
-    out = mt.paired_difference(a, a, ["p1", "p2", "p3", "p4"], n_boot=50)
-    assert out == {"mean": 0.0, "ci": [0.0, 0.0], "n": 3}
+    a = [0.9, 0.7, None, 0.8, 0.6, 0.5, 0.4]  # six patients with a value: enough for an interval
+    out = mt.paired_difference(a, a, [f"p{k}" for k in range(7)], n_boot=50)
+    assert out == {"mean": 0.0, "ci": [0.0, 0.0], "n": 6, "interval": None}
 
 
 # ---------------------------------------------------------------- baselines
@@ -241,19 +241,45 @@ def tiny_prior(size: int = 16) -> DiffusionPrior:
     return DiffusionPrior(config).eval().requires_grad_(False)
 
 
+def untrained_companions(prior, levels: int = 3):
+    """A DLSR model and a level classifier of the right shapes for ``prior`` (random weights: for
+    the mechanics, not the numbers)."""
+    from klip_med.eval.companions import init_parameters
+    from klip_med.eval.diffguard import LevelClassifier
+    from klip_med.eval.dlsr import DLSR, FeatureDenoiser, layer_channels
+
+    channels = layer_channels(prior)
+    net = init_parameters(FeatureDenoiser(sum(channels), 16, 1), torch.Generator().manual_seed(0)).eval()
+    dlsr = DLSR(net, torch.zeros(sum(channels)), torch.ones(sum(channels)), channels)
+    classifier = init_parameters(LevelClassifier(levels, (8, 8, 8, 8), prior.alphas_cumprod.numel()),
+                                 torch.Generator().manual_seed(1)).eval()
+    return dlsr, classifier
+
+
 def test_compute_baselines_shapes_and_identities():
     prior = tiny_prior(16)
     image = torch.from_numpy(2 * mr_phantom(16).image - 1)
     physics = parse_physics("mri:accel=2,center=0.25,noise=0.01", 16, generator=torch.Generator().manual_seed(0))
     y = physics(image.reshape(1, 1, 16, 16))
     result = reconstruct_measurement(prior, physics, y, KLIPSettings(samples=2, steps=3, block_size=4))
-    settings = bl.BaselineSettings(anoddpm_steps=2, eigen_levels=(0.3,), eigen_rank=2, eigen_iterations=2)
+    settings = bl.BaselineSettings(anoddpm_steps=2, eigen_levels=(0.3,), eigen_rank=2, eigen_iterations=2,
+                                   diffguard_steps=2, monai_timesteps=3)
     with pytest.raises(KLIPMedError, match="feature_density"):
         bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1), settings)
     train = torch.from_numpy(np.stack([2 * mr_phantom(16, np.random.default_rng(k)).image - 1 for k in range(4)]))
     density = fit_feature_density(prior, train[:, None], torch.Generator().manual_seed(0))
-    maps = bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1), settings, density)
+    with pytest.raises(KLIPMedError, match="dlsr: expected a trained DLSR model"):
+        bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1), settings, density)
+    dlsr, classifier = untrained_companions(prior)
+    maps = bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1), settings, density,
+                                dlsr=dlsr, diffguard=classifier)
     assert list(maps) == list(bl.BASELINES)
+    assert maps["monai_likelihood"].nfe == 3 and maps["dlsr"].nfe == 1 and maps["diffguard"].nfe == 2
+    assert maps["diffguard"].native_score is not None and maps["diffguard"].native_score >= 0
+    # a post-hoc baseline does not depend on which others are computed, and reads the float16 posterior mean
+    alone = bl.post_hoc_baselines(prior, bl.as_cached(result.recon_mean), torch.Generator().manual_seed(1), settings,
+                                  ["anoddpm"])
+    assert np.array_equal(alone["anoddpm"].pixel_map, maps["anoddpm"].pixel_map)
     for name, m in maps.items():
         if name == "centrality":
             assert m.pixel_map is None
@@ -265,10 +291,10 @@ def test_compute_baselines_shapes_and_identities():
     assert maps["eigenscore"].native_score is not None and maps["cfs"].nfe == 1
     assert all(maps[n].nfe == 0 for n in ("posterior_std", "residual", "brightness", "brightness_dev"))
     skipped = bl.compute_baselines(prior, physics, y, result, torch.Generator().manual_seed(1),
-                                   bl.BaselineSettings(skip=("eigenscore", "anoddpm", "cfs")))
-    assert "eigenscore" not in skipped and "anoddpm" not in skipped and "cfs" not in skipped
+                                   bl.BaselineSettings(skip=bl.POST_HOC))
+    assert not set(skipped) & set(bl.POST_HOC)
     with pytest.raises(KLIPMedError, match="skip: expected names among"):
-        bl.BaselineSettings(skip=("dlsr",))
+        bl.BaselineSettings(skip=("lsr",))
 
 
 # ---------------------------------------------------------------- selection and runner
@@ -339,6 +365,41 @@ def test_inserted_mode_makes_matched_pairs(tmp_path):
     assert lesioned.lesion.sum() >= 2 and not np.array_equal(healthy.image, lesioned.image)
 
 
+def test_shift_kinds_are_matched_twins_of_healthy_slices(tmp_path):
+    """Each shift kind: pairs of a lesion-free host slice and its twin with one inserted shift of
+    that kind; tumour slices (3-5 of the tiny patients) never host one; a run holds one kind."""
+    manifest_path, root = _tiny_manifest(tmp_path, size=32, patients=1)
+    manifest = read_manifest(manifest_path, root)
+    prior = tiny_prior(32)
+    for kind in ("bright", "hypo", "texture", "star"):
+        chosen = select_slices(manifest, "dev", prior, max_slices_per_patient=4, lesions="inserted",
+                               min_body_fraction=0.2, pixel_spacing_mm=7.5, shift=kind)
+        assert [s.label for s in chosen] == [0, 1, 0, 1]
+        assert all(s.info["slice"] not in (3, 4, 5) for s in chosen)
+        for healthy, twin in zip(chosen[::2], chosen[1::2], strict=True):
+            assert twin.key == healthy.key + "+" + kind and twin.seed_key == healthy.key == healthy.seed_key
+            assert twin.info["inserted"]["shift"] == kind and twin.lesion.any() and not healthy.lesion.any()
+            assert twin.info["lesion_pixels"] == int(twin.lesion.sum())
+            assert np.array_equal(healthy.image[~twin.lesion & (twin.image == healthy.image)],
+                                  twin.image[~twin.lesion & (twin.image == healthy.image)])
+    hypo = select_slices(manifest, "dev", prior, max_slices_per_patient=4, lesions="inserted", min_body_fraction=0.2,
+                         pixel_spacing_mm=7.5, shift="hypo")
+    assert all((t.image[t.lesion] < h.image[t.lesion]).mean() > 0.9 for h, t in zip(hypo[::2], hypo[1::2], strict=True))
+    again = select_slices(manifest, "dev", prior, max_slices_per_patient=4, lesions="inserted", min_body_fraction=0.2,
+                          pixel_spacing_mm=7.5, shift="hypo")
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(hypo, again, strict=True))  # seeded
+    with pytest.raises(KLIPMedError, match="'metal' expected a CT manifest"):
+        select_slices(manifest, "dev", prior, lesions="inserted", pixel_spacing_mm=7.5, shift="metal")
+    with pytest.raises(KLIPMedError, match="shift: expected lesions='inserted'"):
+        select_slices(manifest, "dev", prior, lesions="real", shift="hypo")
+    with pytest.raises(KLIPMedError, match="shift: expected one of"):
+        select_slices(manifest, "dev", prior, lesions="inserted", pixel_spacing_mm=7.5, shift="hyper")
+    from klip_med.data.selection import SHIFT_KINDS
+    from klip_med.eval.names import SHIFTS
+
+    assert SHIFTS == SHIFT_KINDS  # the CLI's copy (no numpy import for --help)
+
+
 def _tiny_ct_manifest(tmp_path, size: int = 64) -> tuple:
     """One CT 'patient' of 6 abdomen phantom slices in HU with their pixel spacing."""
     root = tmp_path / "data"
@@ -386,31 +447,42 @@ def test_inserted_ct_lesions_soft_tissue_design_is_hypodense_and_inside_soft_tis
     assert not all(np.array_equal(a.lesion, b.lesion) for a, b in zip(first, chosen, strict=True))
     with pytest.raises(KLIPMedError, match="ct_lesions: expected one of"):
         select_slices(manifest, "dev", prior, lesions="inserted", ct_lesions="liver")
+    metal = select_slices(manifest, "dev", prior, max_slices_per_patient=2, lesions="inserted", shift="metal")
+    twin = metal[1]
+    assert twin.info["inserted"]["kind"] == "metal" and twin.lesion.any() and twin.key.endswith("+metal")
+    assert twin.image[twin.lesion].max() == pytest.approx(1.0)  # saturates the prior's HU window
 
 
 SIZE = 16
 FAST_BASELINES = bl.BaselineSettings(anoddpm_steps=2, eigen_levels=(0.3,), eigen_rank=2, eigen_iterations=2,
-                                     cfs_train_slices=8)
+                                     cfs_train_slices=8, monai_timesteps=2, skip=("dlsr", "diffguard"))
 
 
 def _settings() -> KLIPSettings:
     return KLIPSettings(samples=2, steps=3, block_size=4, top_k=2, seed=3)
 
 
+WINDOWS = ("full", "t:0,0.3", "t:0.3,0.6", "t:0.6,1")
+"""A 3-step run holds a step in each of these (the run's own ten windows need more steps)."""
+
+
 def _run(manifest, root, out, prior, max_slices=4, **kw):
     kw.setdefault("baselines", FAST_BASELINES)
+    kw.setdefault("windows", WINDOWS)
     return run_benchmark(manifest, root, prior, "mri:accel=2,center=0.25,noise=0.01", "dev", _settings(), 2,
                          max_slices, out, n_boot=50, min_body_fraction=0.2, log=None, **kw)
 
 
 def _without_costs(methods: dict) -> dict:
-    return {name: {k: v for k, v in m.items() if k != "cost"} for name, m in methods.items()}
+    return {name: {k: v for k, v in m.items() if k not in ("cost", "default")} for name, m in methods.items()}
 
 
 def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from klip_med.eval.runner import DEFAULT_WINDOWS, _fit_cfs, _windows, process_slice
+    from klip_med.eval.runner import _windows, process_slice
+
+    DEFAULT_WINDOWS = WINDOWS
 
     manifest, root = _tiny_manifest(tmp_path, size=SIZE)
     prior = tiny_prior(SIZE)
@@ -420,8 +492,8 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     names = list(results["methods"])
     for w in DEFAULT_WINDOWS:
         assert f"klip[{w}]" in names and f"klip_paper[{w}]" in names
-    for b in ("posterior_std", "residual", "anoddpm", "eigenscore", "cfs", "brightness", "brightness_dev",
-              "centrality", "eigenscore_lambda1"):
+    for b in ("posterior_std", "residual", "anoddpm", "eigenscore", "cfs", "monai_likelihood", "brightness",
+              "brightness_dev", "centrality", "eigenscore_lambda1"):
         assert b in names
     for name, m in results["methods"].items():
         assert 0 <= m["dataset"]["auroc"] <= 1, name
@@ -468,43 +540,72 @@ def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     assert name in two["methods"]
     fine = json.loads((out / "results_b2.json").read_text())  # lopo refits for every block size
     assert name in fine["methods"] and fine["benchmark"]["block_size"] == 2
-    assert name not in json.loads((out / "results_b8.json").read_text())["methods"]  # 4 blocks per image: no null
+    assert name in json.loads((out / "results_b8.json").read_text())["methods"]  # refitted at 8x8 too
     model.save(tmp_path / "null.json")
-    with_file = _run(manifest, root, out, prior, null=tmp_path / "null.json", block_sizes=[4])
-    assert "klip_z[t:0.3,0.6]" in with_file["methods"]
-    cal = with_file["null_calibration"]  # fitted on these very ID images: observed rate near nominal
-    assert cal["n_images"] == 4 and set(cal["rates"]) == {"0.01", "0.05"}
-    assert 0 <= cal["rates"]["0.05"]["observed"] <= 0.2
-    assert "false-positive rate per block" in (out / "results.md").read_text()
+    with pytest.raises(KLIPMedError, match="expected a model fitted on other images than the ones scored, found 4"):
+        _run(manifest, root, out, prior, null=tmp_path / "null.json", block_sizes=[4])  # refused before sampling
+
+    # a model fitted on one patient's lesion-free slices scores the other patient's as fresh images,
+    # and, only when allowed, its own calibration images apart
+    from klip_med.calibration.fit import fit_null
+    from klip_med.eval.cache import read_slice as read_cached
+    from klip_med.eval.nulls import cached_blocks
+
+    cached = [read_cached(p) for p in sorted((out / "slices").glob("*.npz"))]
+    own = [e for e in cached if e.label == 0 and e.patient == cached[0].patient]
+    d, c, i = zip(*(cached_blocks(e, ["t:0.3,0.6"], 4) for e in own), strict=True)
+    half = fit_null(d, c, i, conditions, "one patient", "none", fingerprints=[e.meta["info"]["source"] for e in own])
+    half.save(tmp_path / "half.json")
+    with_file = _run(manifest, root, out, prior, null=tmp_path / "half.json", block_sizes=[4],
+                     allow_calibration_overlap=True)
+    assert with_file["default_method"] == "klip_z[t:0.3,0.6]" and with_file["methods"]["klip_z[t:0.3,0.6]"]["default"]
+    cal = with_file["null_calibration"]
+    assert cal["n_images"] == 2 and cal["overlapping"]["n_images"] == len(own) == 2
+    assert set(cal["rates"]) == {"0.01", "0.05"} and set(cal) >= {"rates", "slice", "volume"}
+    assert all(0 <= r["observed"] <= 1 for level in ("slice", "volume") for r in cal[level].values())
+    assert cal["volume"]["fwer:0.05"]["n"] == 1  # one fresh patient
+    report = (out / "results.md").read_text()
+    assert "**klip_z[t:0.3,0.6]** (default)" in report and "healthy slices flagged" in report
+    assert "calibration images of the model" in report
     model.conditions["physics"] = "mri:accel=8"
     model.save(tmp_path / "other.json")
     with pytest.raises(KLIPMedError, match="physics: fitted 'mri:accel=8'"):
         _run(manifest, root, out, prior, null=tmp_path / "other.json", block_sizes=[4])
     monkeypatch.undo()
 
-    # determinism: the first slice computed afresh equals its cached maps bit for bit
+    # determinism: the first slice computed afresh (sampling run, then the post-hoc baselines from its
+    # posterior mean) equals its cached maps bit for bit
     from klip_med.data.selection import select_slices as select
+    from klip_med.eval.cache import CachedSlice
+    from klip_med.eval.posthoc import PostHoc
 
     read = read_manifest(manifest, root)
     first = select(read, "dev", prior, 2, 4, seed=3, min_body_fraction=0.2)[0]
     settings = replace(_settings(), windows=_windows(DEFAULT_WINDOWS, prior, 3))
-    density = _fit_cfs(read, prior, FAST_BASELINES, 3, torch.device("cpu"), 0.2, lambda _: None)
-    maps, _, _, _ = process_slice(prior, "mri:accel=2,center=0.25,noise=0.01", first, settings, FAST_BASELINES,
-                                  torch.device("cpu"), density)
+    post = PostHoc(read, prior, None, "mri:accel=2,center=0.25,noise=0.01", {}, "", FAST_BASELINES,
+                   torch.device("cpu"), 3, 0.2)
+    maps, meta, body, images = process_slice(prior, "mri:accel=2,center=0.25,noise=0.01", first, settings,
+                                             post.in_run, torch.device("cpu"))
+    _, fresh, added = post.complete(CachedSlice(first.key, first.patient, first.label, maps, first.lesion, body,
+                                                images, meta), "stamp")
+    assert added == ["anoddpm", "eigenscore", "cfs", "monai_likelihood"]
     cached = read_slice(slice_path(out / "slices", first.key))
-    assert set(maps) == set(cached.maps) and all(np.array_equal(maps[n], cached.maps[n]) for n in maps)
+    assert set(fresh.maps) == set(cached.maps)
+    assert all(np.array_equal(fresh.maps[n], cached.maps[n]) for n in fresh.maps)
 
 
 def test_runner_recomputes_a_slice_when_settings_change(tmp_path):
     manifest, root = _tiny_manifest(tmp_path, size=SIZE, patients=1)
     prior = tiny_prior(SIZE)
     out = tmp_path / "run"
-    cheap = bl.BaselineSettings(skip=("anoddpm", "eigenscore", "cfs"))
+    cheap = bl.BaselineSettings(skip=bl.POST_HOC)
     _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=cheap)
     changed = _run(manifest, root, out, prior, max_slices=2, windows=("full", "t:0,0.3"), baselines=cheap)
     assert changed["counts"]["computed_now"] == 2
     with pytest.raises(KLIPMedError, match="windows"):
         _run(manifest, root, out, prior, windows=("sigma:100,200",))
+    with pytest.raises(KLIPMedError, match="dlsr: its companion model lives in the prior's folder"):
+        _run(manifest, root, out, prior, baselines=bl.BaselineSettings())  # before any sampling
 
 
 def test_eval_parser_registers_every_option():
@@ -517,6 +618,32 @@ def test_eval_parser_registers_every_option():
                               "--device", "cpu", "--block-size", "4,8", "--skip", "eigenscore"])
     assert args.split == "test" and args.block_size == [4, 8] and args.skip == ["eigenscore"]
     assert args.max_patients == 2 and args.max_slices == 2 and callable(args.run)
+    defaults = parser.parse_args(["eval", "--manifest", "m.json", "--prior", "p", "--physics", "mri:accel=4",
+                                  "--out", "o", "--lesions", "inserted", "--shift", "texture", "--skip", "dlsr",
+                                  "diffguard", "monai_likelihood"])
+    assert defaults.shift == "texture" and defaults.skip == ["dlsr", "diffguard", "monai_likelihood"]
+    settings = bl.BaselineSettings()
+    for flag in ("anoddpm_t", "anoddpm_steps", "eigen_rank", "eigen_iterations", "cfs_train_slices", "diffguard_t",
+                 "diffguard_steps", "diffguard_scale", "monai_timesteps"):
+        assert getattr(defaults, flag) == getattr(settings, flag), flag  # the CLI's defaults are the settings'
+
+
+def test_eval_defaults_are_those_of_run():
+    """`klip-med eval` measures the map `klip-med run` makes: same sampler defaults, same windows,
+    the shipped null model (auto)."""
+    from klip_med.cli.common import RUN_DEFAULTS
+    from klip_med.eval.names import DEFAULT_WINDOWS
+    from klip_med.pipeline import RUN_WINDOWS
+
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", "--manifest", "m.json", "--prior", "p", "--physics", "mri:accel=4", "--out", "o"])
+    assert args.null == "auto" and args.windows is None and args.block_size == [RUN_DEFAULTS["block_size"]]
+    assert DEFAULT_WINDOWS == RUN_WINDOWS
+    from klip_med.cli.common import settings_from_args
+    from klip_med.cli.eval import EVAL_DEFAULTS
+
+    assert settings_from_args(args, EVAL_DEFAULTS) == KLIPSettings()  # run's settings, windows aside
 
 
 def test_roc_figure_draws_the_headline_rows_and_every_baseline(tmp_path):
@@ -533,3 +660,188 @@ def test_roc_figure_draws_the_headline_rows_and_every_baseline(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert roc_figure({"brightness": (rng.random(10), np.zeros(10))}, tmp_path / "none.png", "t") is None
     assert not (tmp_path / "none.png").exists()
+
+
+# ---------------------------------------------------------------- intervals with few patients
+
+
+def _records(patients: int, per: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.repeat([0, 1], per // 2), patients)
+    scores = rng.random(labels.size) + 0.6 * labels
+    units = np.repeat([f"P{k}" for k in range(patients)], per)
+    return scores, labels, units
+
+
+def test_intervals_need_five_patients_and_per_patient_values_replace_them():
+    from sklearn.metrics import roc_auc_score
+
+    scores, labels, units = _records(3)
+    few = mt.dataset_level(scores, labels, units, n_boot=200)
+    assert few["auroc_ci"] == [None, None] and few["auprc_ci"] == [None, None]
+    assert few["interval"] == "none: 3 patients (< 5); per-patient values instead" and few["bootstrap_valid"] == 0
+    assert few["auroc"] == pytest.approx(roc_auc_score(labels, scores))  # the point estimate stays
+    for p in ("P0", "P1", "P2"):
+        own = units == p
+        assert few["per_patient"][p]["auroc"] == pytest.approx(roc_auc_score(labels[own], scores[own]), abs=1e-6)
+    scores5, labels5, units5 = _records(5)
+    enough = mt.dataset_level(scores5, labels5, units5, n_boot=200)
+    assert enough["interval"] is None and "per_patient" not in enough
+    assert enough["auroc_ci"][0] <= enough["auroc"] <= enough["auroc_ci"][1]
+    one_class = np.array([0, 0, 1, 1, 0, 0])  # P1 holds ID images only: no AUROC of its own
+    per = mt.dataset_level(np.arange(6.0), one_class, ["P0"] * 4 + ["P1"] * 2)["per_patient"]
+    assert per["P0"]["auroc"] == 1.0 and per["P1"]["auroc"] is None
+    locs = [mt.Localisation(v, v, 10, 2) for v in (0.9, 0.7, 0.5)]
+    loc = mt.localisation_level(locs, ["A", "A", "B"], n_boot=100)
+    assert loc["auroc_ci"] == [None, None] and loc["auroc"] == pytest.approx(0.7)
+    assert loc["per_patient"] == {"A": {"auroc": 0.8, "auprc": 0.8, "n_images": 2},
+                                  "B": {"auroc": 0.5, "auprc": 0.5, "n_images": 1}}
+    diff = mt.paired_difference([0.9, 0.7, 0.5], [0.5, 0.5, 0.5], ["A", "A", "B"], n_boot=100)
+    assert diff["ci"] == [None, None] and diff["per_patient"] == {"A": pytest.approx(0.3), "B": 0.0}
+    with_five = mt.paired_difference(np.arange(10.0), np.zeros(10), [f"P{k // 2}" for k in range(10)], n_boot=100)
+    assert with_five["interval"] is None and with_five["ci"][0] is not None
+
+
+def test_results_page_says_there_is_no_interval_and_lists_patients():
+    from klip_med.eval.results import markdown_report
+
+    scores, labels, units = _records(2)
+    dataset = mt.dataset_level(scores, labels, units)
+    results = {"benchmark": {"manifest": "m", "split": "dev", "physics": "p", "prior": "x", "block_size": 8,
+                             "lesions": "real", "device": "cpu", "n_boot": 1000, "seed": 0,
+                             "settings": {"sampler": "fast", "steps": 3, "samples": 2, "top_k": 5}},
+               "counts": {"images": 12, "ood": 6, "id": 6, "patients": 2},
+               "sampling": {"nfe_per_image": 6, "seconds_per_image": 0.1},
+               "methods": {"brightness": {"dataset": dataset, "localisation": None,
+                                          "cost": {"nfe_per_image": 0, "seconds_per_image": 0.0}}}}
+    page = markdown_report(results)
+    per = [dataset["per_patient"][p]["auroc"] for p in ("P0", "P1")]
+    assert "intervals: **none** (2 patients, fewer than 5" in page
+    assert f"{dataset['auroc']:.3f} (per patient {per[0]:.3f} / {per[1]:.3f})" in page
+
+
+# ---------------------------------------------------------------- MONAI likelihood baseline
+
+
+def test_monai_likelihood_map_is_largest_where_the_image_leaves_the_prior():
+    from klip_med.eval.monai_likelihood import likelihood_kl_maps
+    from klip_med.eval.prior_maps import scheduler_of
+
+    prior = _gaussian_prior(np.full((16, 16), 0.01))
+    x = torch.zeros(16, 16)
+    x[8:12, 4:8] = 3.0  # 30 prior standard deviations (at t = 1 every pixel's term is chi-square noise of mean ~0.5)
+    m, nfe, info = bl.monai_likelihood_map(prior, x, torch.Generator().manual_seed(0), n_timesteps=10)
+    assert nfe == 10 and info["timesteps"] == [1, 999, 10] and m.shape == (16, 16)
+    blocks = m.reshape(4, 4, 4, 4).mean(dim=(1, 3))
+    assert np.unravel_index(int(torch.argmax(blocks)), (4, 4)) == (2, 1)
+    direct = likelihood_kl_maps(lambda xt, t: prior.eps(xt, t.float()), scheduler_of(prior), x[None, None],
+                                torch.Generator().manual_seed(0), [int(v) for v in np.linspace(1, 999, 10).round()])
+    assert torch.equal(m, direct.maps.mean(dim=0)[0, 0])  # the MONAI terms themselves, averaged
+
+
+# ---------------------------------------------------------------- the cache: sampling run and post-hoc baselines
+
+
+def _prior_with_companions(tmp_path, size: int = SIZE):
+    """The tiny prior saved as a folder, with (untrained) dlsr and diffguard companions beside it."""
+    from klip_med.eval.diffguard import save_diffguard
+    from klip_med.eval.dlsr import save_dlsr
+    from klip_med.priors.diffusion import load_prior_dir, save_prior_dir
+
+    prior = tiny_prior(size)
+    folder = save_prior_dir(prior, prior.config, tmp_path / "prior")
+    loaded = load_prior_dir(folder)
+    dlsr, classifier = untrained_companions(loaded)
+    save_dlsr(dlsr, folder / "dlsr", loaded, {"note": "untrained, for tests"})
+    save_diffguard(classifier, folder / "diffguard", loaded, {"note": "untrained, for tests"})
+    return str(folder), loaded
+
+
+def test_adding_a_baseline_to_a_cached_run_does_not_sample_again(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE, patients=1)
+    prior, _ = _prior_with_companions(tmp_path)
+    out = tmp_path / "run"
+    few = replace(FAST_BASELINES, skip=("eigenscore", "cfs", "dlsr", "diffguard", "monai_likelihood"))
+    more = replace(FAST_BASELINES, skip=("eigenscore", "cfs"), diffguard_steps=2)
+    first = _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=few)
+    assert first["counts"]["computed_now"] == 2 and "dlsr" not in first["methods"]
+    before = {p.name: read_slice(p) for p in (out / "slices").glob("*.npz")}
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached slice was sampled again")
+
+    monkeypatch.setattr("klip_med.pipeline.reconstruct_measurement", no_sampling)
+    second = _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=more)
+    assert second["counts"]["computed_now"] == 0
+    for name in ("dlsr", "diffguard", "monai_likelihood", "diffguard_level_kl"):
+        assert name in second["methods"], name
+    assert second["methods"]["diffguard"]["cost"]["extra_nfe_per_image"] == 2
+    assert _without_costs(second["methods"])["klip[full]"] == _without_costs(first["methods"])["klip[full]"]
+    for p in (out / "slices").glob("*.npz"):
+        after = read_slice(p)
+        assert all(np.array_equal(after.maps[n], m) for n, m in before[p.name].maps.items())  # KLIP kept
+        assert set(after.meta["post_hoc"]) == {"anoddpm", "dlsr", "diffguard", "monai_likelihood"}
+
+    def no_baselines(*args, **kwargs):
+        raise AssertionError("an up-to-date post-hoc baseline was computed again")
+
+    monkeypatch.setattr("klip_med.eval.posthoc.post_hoc_baselines", no_baselines)
+    third = _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=more)
+    assert _without_costs(third["methods"]) == _without_costs(second["methods"])
+    hidden = _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=few)
+    assert "dlsr" not in hidden["methods"] and "diffguard_level_kl" not in hidden["methods"]  # skipped: not shown
+    assert all("dlsr" in read_slice(p).maps for p in (out / "slices").glob("*.npz"))  # ... but kept
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"  # the same baselines computed with the sampling run: equal bit for bit
+    _run(manifest, root, fresh, prior, max_slices=2, windows=("full",), baselines=more)
+    for p in (out / "slices").glob("*.npz"):
+        a, b = read_slice(p), read_slice(fresh / "slices" / p.name)
+        assert set(a.maps) == set(b.maps) and all(np.array_equal(a.maps[n], b.maps[n]) for n in a.maps)
+
+
+def test_a_cache_of_the_previous_version_keeps_its_sampling_run(tmp_path, monkeypatch):
+    """A slice file whose fingerprint is the cache-version-2 one (every baseline setting, the skip
+    list ["eigenscore"], the training files) is recognised: nothing is sampled; its post-hoc
+    baselines are recomputed and the file is rewritten with today's fingerprint."""
+    from dataclasses import replace
+
+    from klip_med.eval.cache import fingerprint, write_slice
+    from klip_med.eval.runner import _windows
+    from klip_med.priors.identity import prior_identity
+
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE, patients=1)
+    prior = tiny_prior(SIZE)
+    out = tmp_path / "run"
+    _run(manifest, root, out, prior, max_slices=2, windows=("full",))
+    read = read_manifest(manifest, root)
+    sampling = {k: v for k, v in replace(_settings(), windows=_windows(("full",), prior, 3)).describe().items()
+                if k not in ("top_k", "block_size")}
+    d = FAST_BASELINES.describe()
+    old = {"physics": "mri:accel=2,center=0.25,noise=0.01", "settings": sampling, "prior":
+           prior_identity(prior)["weights_sha256"], "version": 2,
+           "baselines": {**{k: d[k] for k in ("anoddpm_t", "anoddpm_steps", "eigen_levels", "eigen_rank",
+                                              "eigen_iterations", "eigen_fd", "cfs_train_slices", "cfs_t")},
+                         "skip": ["eigenscore"]},
+           "train_files": sorted({item.sha256 for item in read.split("train")})}
+    for item in select_slices(read, "dev", prior, 2, 2, seed=3, min_body_fraction=0.2):
+        path = slice_path(out / "slices", item.key)
+        entry = read_slice(path)
+        meta = {k: v for k, v in entry.meta.items() if k not in ("post_hoc",)}
+        meta["fingerprint"] = fingerprint({**old, "key": item.key, "seed_key": item.seed_key}, (item.image, item.lesion))
+        write_slice(path, replace(entry, meta=meta, maps={k: v for k, v in entry.maps.items() if k != "anoddpm"}))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a version-2 slice was sampled again")
+
+    monkeypatch.setattr("klip_med.pipeline.reconstruct_measurement", no_sampling)
+    again = _run(manifest, root, out, prior, max_slices=2, windows=("full",))
+    assert again["counts"]["computed_now"] == 0 and "anoddpm" in again["methods"]
+    for p in (out / "slices").glob("*.npz"):
+        entry = read_slice(p)
+        assert set(entry.meta["post_hoc"]) == {"anoddpm", "eigenscore", "cfs", "monai_likelihood"}
+        assert entry.meta["fingerprint"] != meta["fingerprint"]  # rewritten with today's
+    other = replace(FAST_BASELINES, anoddpm_t=0.3)  # a settings change of a post-hoc baseline: recomputed, not sampled
+    changed = _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=other)
+    assert changed["counts"]["computed_now"] == 0

@@ -15,7 +15,7 @@ CASES = {
     "mri_tumour_localisation.py": (["--samples", "1", "--steps", "4"],
                                    ["mri_tumour_localisation.png", "maps.npz"]),
     "ct_sparse_view_lesion.py": (["--samples", "1", "--steps", "4"], ["ct_sparse_view_lesion.png", "maps.npz"]),
-    "dicom_to_viewer_overlays.py": (["--samples", "1", "--steps", "2"],
+    "dicom_to_viewer_overlays.py": (["--samples", "1", "--steps", "2", "--threshold", "p99"],
                                     ["summary.json", "recon.nii.gz", "klip.nii.gz", "report.png",
                                      "dicom/klip_pm.dcm", "dicom/klip_seg.dcm"]),
     "deepinv_sampler_with_klip.py": (["--samples", "1", "--steps", "3"],

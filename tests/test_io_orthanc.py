@@ -2,25 +2,29 @@
 """Integration with a real PACS: start Orthanc (DICOMweb plugin) on localhost, store a source CT series
 and every DICOM object klip_med.io writes from it, and check through QIDO-RS / WADO-RS metadata that
 the outputs sit in the source's study, in new series, referencing the source series and instances.
-The server is a child process of the test, with its storage in tmp_path, and is stopped afterwards."""
+Then the whole round trip through the command line: ``klip-med run --input <DICOMweb series> --push
+<DICOMweb root>`` with basic auth from an environment variable, and a push the server refuses.
+The servers are child processes of the test, with storage in tmp_path, stopped afterwards."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
+import os
 import subprocess
-import time
-import urllib.error
+import sys
 import urllib.request
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from orthanc_server import MISSING, Orthanc, assert_stopped, start_orthanc
 
 from klip_med.io import (
     read_dicom_series,
+    read_parametric_map,
+    read_seg,
     write_derived_series,
     write_fractional_seg,
     write_ood_seg,
@@ -30,13 +34,6 @@ from klip_med.io import (
 
 pytestmark = pytest.mark.slow
 
-APT = "apt-get install -y orthanc orthanc-dicomweb"
-ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
-DICOMWEB_PLUGIN = next(
-    (p for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
-                 *sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))) if p.exists()),
-    None,
-)
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 
 # DICOM JSON tags
@@ -46,12 +43,17 @@ REF_SERIES_SEQ, REF_INSTANCE_SEQ, REF_SOP_UID = "00081115", "0008114A", "0008115
 SOURCE_IMAGE_SEQ, REF_IMAGE_SEQ = "00082112", "00081140"
 
 
-def _free_port() -> int:
-    # Orthanc's HTTP server listens on every interface (access from other hosts is refused by
-    # RemoteAccessAllowed=false), so the port must be free on all of them.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def orthanc(tmp_path_factory):
+    """Base URL of a fresh Orthanc (child process, storage in a tmp dir); stopped at teardown."""
+    if MISSING:
+        pytest.skip(MISSING)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server.base
+    finally:
+        server.stop()
+        assert_stopped(server)
 
 
 def _request(url: str, data: bytes | None = None, content_type: str | None = None):
@@ -62,69 +64,6 @@ def _request(url: str, data: bytes | None = None, content_type: str | None = Non
     with urllib.request.urlopen(req, timeout=30) as resp:
         body = resp.read()
     return json.loads(body) if body else []
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-@pytest.fixture
-def orthanc(tmp_path_factory):
-    """Base URL of a fresh Orthanc (child process, storage in a tmp dir); stopped at teardown."""
-    if ORTHANC is None or DICOMWEB_PLUGIN is None:
-        pytest.skip(f"Orthanc or its DICOMweb plugin not installed ({APT})")
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "klip_med_test",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpServerEnabled": True,
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "DicomPort": _free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "SaveJobs": False,
-        "HttpDescribeErrors": True,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
-    }
-    config_path = root / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    log_path = root / "orthanc.log"
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=root)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                plugins = _request(f"{base}/plugins")
-                if "dicom-web" in plugins:
-                    break
-                pytest.fail(f"DICOMweb plugin not loaded (plugins: {plugins}):\n"
-                            f"{log_path.read_text()[-3000:]}")
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer on {base}:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        _stop(proc)
-        assert proc.poll() is not None, "Orthanc still running after teardown"
-        left = subprocess.run(["pgrep", "-f", str(config_path)], capture_output=True, text=True).stdout
-        assert left.strip() == "", f"Orthanc processes left: {left}"
 
 
 def _first(item: dict, tag: str):
@@ -203,3 +142,83 @@ def test_outputs_stored_in_source_study_and_reference_source_series(orthanc, tmp
                 assert refs <= src_sops, f"{name}: references outside the source series: {refs - src_sops}"
                 referenced |= refs
         assert referenced == src_sops, f"{name}: source instances not referenced: {src_sops - referenced}"
+
+
+def _klip_med_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("klip-med")), "run", *args,
+                           "--physics", "ct-sparse:views=60", "--prior", "ct-abdomen-128", "--samples", "1",
+                           "--steps", "3", "--null", "none", "--no-progress"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _series_metadata(server: Orthanc, study: str) -> dict[str, list[dict]]:
+    series = server.request(f"/dicom-web/studies/{study}/series")
+    return {_first(s, SERIES_UID): server.request(f"/dicom-web/studies/{study}/series/{_first(s, SERIES_UID)}/metadata")
+            for s in series}
+
+
+def test_cli_pulls_a_series_and_pushes_the_outputs_back(tmp_path):
+    """Pull with QIDO-RS + WADO-RS, run, push with STOW-RS; QIDO-RS then lists the new series in the source's
+    study, SEG and PM referencing the source series. A refused push: one line, exit 2, local outputs intact."""
+    if MISSING:
+        pytest.skip(MISSING)
+    password = "pacs-password-not-for-logs"
+    pacs = start_orthanc(tmp_path / "pacs", users={"klip": password})
+    refusing = start_orthanc(tmp_path / "refusing", lua='function IncomingHttpRequestFilter(method, uri, ip, user, '
+                                                        'headers)\n  return method ~= "POST"\nend\n')
+    try:
+        pacs.upload(sorted(CT5N.iterdir()))
+        source = read_dicom_series(CT5N)
+        study, src_series = source.datasets[0].StudyInstanceUID, source.datasets[0].SeriesInstanceUID
+        url = f"{pacs.dicomweb}/studies/{study}/series/{src_series}"
+        out = tmp_path / "out"
+        env = {"KLIP_PACS_AUTH": f"klip:{password}"}
+        done = _klip_med_run("--input", url, "--push", pacs.dicomweb, "--auth", "basic:env:KLIP_PACS_AUTH",
+                             "--out", str(out), env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary_text = (out / "summary.json").read_text()
+        for text in (done.stdout, done.stderr, summary_text):
+            assert password not in text
+        summary = json.loads(summary_text)
+        assert summary["input"]["path"] == url and summary["input"]["format"] == "dicomweb"
+        assert summary["input"]["dicomweb"]["auth"] == "basic credential from env:KLIP_PACS_AUTH"
+        assert summary["push"]["not_sent"] == [] and len(summary["push"]["sent"]) == 12
+
+        metadata = _series_metadata(pacs, study)
+        written = {name: pydicom.dcmread(out / "dicom" / name, stop_before_pixels=True)
+                   for name in ("klip_pm.dcm", "klip_seg.dcm")}
+        recon = read_dicom_series(out / "dicom" / "recon")
+        assert set(metadata) == {src_series, recon.datasets[0].SeriesInstanceUID,
+                                 *(ds.SeriesInstanceUID for ds in written.values()),
+                                 pydicom.dcmread(next((out / "dicom" / "klip_sc").iterdir())).SeriesInstanceUID}
+        for name, ds in written.items():  # SEG and PM: one multi-frame instance over the whole source series
+            (inst,) = metadata[ds.SeriesInstanceUID]
+            assert _first(inst, MODALITY) == ds.Modality == {"klip_pm.dcm": "OT", "klip_seg.dcm": "SEG"}[name]
+            ref = inst[REF_SERIES_SEQ]["Value"]
+            assert [_first(r, SERIES_UID) for r in ref] == [src_series], name
+            assert _ref_sops(ref[0][REF_INSTANCE_SEQ]["Value"]) == set(source.sop_instance_uids), name
+            assert int(_first(inst, "00280008")) == source.shape[0], name  # NumberOfFrames
+        klip = np.asarray(nib.load(out / "klip.nii.gz").dataobj, dtype=np.float32).transpose(2, 1, 0)
+        np.testing.assert_allclose(read_parametric_map(out / "dicom" / "klip_pm.dcm", source), klip, rtol=1e-5)
+        seg, _ = read_seg(out / "dicom" / "klip_seg.dcm", source)
+        assert int((seg > 0).sum()) == summary["threshold"]["source_pixels_flagged"] > 0
+
+        before = {p: p.read_bytes() for p in (out / "dicom").rglob("*.dcm")}
+        refused = _klip_med_run("--input", url, "--push", refusing.dicomweb, "--auth", "basic:env:KLIP_PACS_AUTH",
+                                "--out", str(out), env=env)  # resumes: slices are cached; the push is refused
+        assert refused.returncode == 2
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("klip-med: error: --push: expected every DICOM object stored by "
+                                                       f"{refusing.dicomweb}, found 12 of 12 files not sent"), lines
+        assert "HTTP 403 Forbidden" in lines[0] and "local outputs in" in lines[0] and password not in lines[0]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["push"]["sent"] == [] and len(summary["push"]["not_sent"]) == 12
+        for rel in summary["push"]["not_sent"]:
+            assert (out / rel["file"]).is_file() and pydicom.dcmread(out / rel["file"]).SOPInstanceUID
+        assert sorted(p.name for p in (out / "dicom").iterdir()) == sorted(
+            {p.relative_to(out / "dicom").parts[0] for p in before})
+    finally:
+        for server in (pacs, refusing):
+            server.stop()
+            assert_stopped(server)

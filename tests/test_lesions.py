@@ -14,9 +14,11 @@ from klip_med.data.lesions import (
     MASK_LEVEL,
     SUPPORT,
     insert_ct_lesion,
+    insert_flair_cavity,
     insert_flair_lesion,
     insert_metal,
     insert_star,
+    insert_texture,
     largest_inscribed_radius_mm,
     soft_tissue_mask_ct,
 )
@@ -293,3 +295,90 @@ def test_torch_input_is_refused_with_a_hint():
 def test_errors_name_the_argument(call, message):
     with pytest.raises(KLIPMedError, match=message):
         call()
+
+
+# ---------------------------------------------------------------- shifts where brightness cannot help
+
+
+def _brain(size: int = 64, value: float = 0.45) -> np.ndarray:
+    """Flat 'parenchyma' with a little smooth texture, in [0, 1]."""
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    return (value + 0.02 * np.sin(rows / 4.0) * np.cos(cols / 6.0)).astype(np.float32)
+
+
+def test_flair_cavity_is_csf_dark_with_an_exact_disc_mask():
+    image, spacing, centre = _brain(), (1.0, 1.0), (32.0, 31.0)
+    out, mask, lesion = insert_flair_cavity(image, spacing, gen(11), diameter_mm=16.0, level=0.05, centre=centre,
+                                            irregularity=0.0, texture=0.3)
+    assert lesion.kind == "flair_hypo" and lesion.params["target"] == pytest.approx(0.05)
+    # exact mask: with no irregularity the half-maximum contour is the circle of radius d / 2
+    assert np.array_equal(mask, inner_disc(image.shape, centre, spacing, 8.0))
+    core = inner_disc(image.shape, centre, spacing, 3.0)  # the soft rim (0.15 r) has decayed below 1.5 % here
+    assert out[core].mean() == pytest.approx(0.05, abs=0.01)  # fluid level, +-30 % texture of that level
+    assert (out[mask] < image[mask]).all() and lesion.contrast == pytest.approx(0.05 - 0.45, abs=0.04)
+    assert out[core].std() < 0.3 * 0.05 + 0.01  # nearly flat, like fluid
+    far = far_from(mask, spacing, 9.0)  # support: profile >= 1e-3, i.e. within 0.15 r ln(999) = 8.3 mm of the edge
+    assert np.array_equal(out[far], image[far])  # untouched beyond the soft edge
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    scaled, _, les255 = insert_flair_cavity(image * 255, spacing, gen(11), diameter_mm=16.0, intensity_range=(0, 255),
+                                            centre=centre)
+    assert 0.02 * 255 <= les255.params["target"] <= 0.08 * 255 and scaled.min() >= 0
+
+
+@pytest.mark.parametrize("amplitude,clip", [(0.06, (0.0, 1.0)), (40.0, None)])
+def test_texture_change_keeps_the_mean_and_changes_only_the_texture(amplitude, clip):
+    image = _brain() if clip else liver_slice(64)
+    spacing, centre = (1.0, 1.0), (30.0, 33.0)
+    out, mask, lesion = insert_texture(image, spacing, gen(12), amplitude=amplitude, diameter_mm=20.0, centre=centre,
+                                       irregularity=0.0, texture_mm=1.5, clip=clip)
+    assert lesion.kind == "texture" and np.array_equal(mask, inner_disc(image.shape, centre, spacing, 10.0))
+    change = out.astype(np.float64) - image
+    assert abs(change[mask].mean()) < 1e-5 * amplitude + 1e-6  # the same mean inside the lesion (float32 output)
+    assert change[mask].std() == pytest.approx(amplitude, rel=1e-3)  # and a texture of the stated strength
+    assert lesion.params["mean_change_in_mask"] == pytest.approx(change[mask].mean(), abs=1e-6)
+    assert out[mask].std() > 3 * image[mask].std()  # the texture differs from the tissue's
+    far = far_from(mask, spacing, 11.0)  # 0.15 r ln(999) = 10.4 mm
+    assert np.array_equal(out[far], image[far])
+    with pytest.raises(KLIPMedError, match="amplitude: expected a finite number > 0"):
+        insert_texture(image, spacing, gen(12), amplitude=0.0)
+
+
+@pytest.mark.parametrize("kind", ["bright", "hypo", "texture", "star"])
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_every_shift_kind_has_an_exact_mask_and_its_promised_sign(kind, modality):
+    from klip_med.data.shifts import insert_shift
+
+    if modality == "MR":
+        ph = mr_phantom(96, gen(1))
+        image, spacing, rng_range = ph.image * 255.0, ph.pixel_spacing_mm, (0.0, 255.0)
+    else:
+        ph = ct_phantom(96, gen(1))
+        image, spacing, rng_range = ph.image, ph.pixel_spacing_mm, (0.0, 255.0)
+    out, mask, lesion = insert_shift(image, spacing, gen(2), modality, kind, min_px=30, intensity_range=rng_range)
+    expected = {"bright": "flair" if modality == "MR" else "ct_hyper", "hypo": "flair_hypo" if modality == "MR"
+                else "ct_hypo", "texture": "texture", "star": "star"}[kind]
+    assert lesion.kind == expected and mask.sum() == lesion.mask_pixels
+    change = out.astype(np.float64) - image
+    assert np.array_equal(out[change != 0] != image[change != 0], np.ones((change != 0).sum(), bool))
+    assert (np.abs(change) > 0)[mask].mean() > 0.9  # the mask is where the image changed
+    if kind in ("bright", "hypo", "texture"):
+        assert mask.sum() >= 30
+    if kind == "bright":
+        assert change[mask].mean() > 0
+    elif kind == "hypo":
+        assert change[mask].mean() < 0
+    elif kind == "texture":
+        assert abs(change[mask].mean()) < 0.05 * change[mask].std()
+    else:
+        assert np.sign(change[mask].mean()) == np.sign(lesion.contrast)
+
+
+def test_metal_shift_is_ct_only_and_at_least_two_pixels():
+    from klip_med.data.shifts import insert_shift
+
+    ph = ct_phantom(96, gen(3))
+    out, mask, lesion = insert_shift(ph.image, ph.pixel_spacing_mm, gen(4), "CT", "metal")
+    assert lesion.kind == "metal" and lesion.diameter_mm >= 2.02 * max(ph.pixel_spacing_mm) and mask.any()
+    assert out[mask].max() > 1500
+    with pytest.raises(KLIPMedError, match="metal is CT only"):
+        insert_shift(mr_phantom(96, gen(3)).image, 1.0, gen(4), "MR", "metal")

@@ -349,7 +349,10 @@ def test_null_model_adds_the_klip_z_map_of_klip_med_run(tiny_prior, tmp_path):
     assert set(out) == {"recon", "klip", "std", "klip_z"} and out["klip_z"].shape == (1, 16, 16)
     meta = out["klip_z"].meta["klip"]
     assert meta["null_model"] == str(path) and meta["units"] == "standard deviations"
-    assert meta["z_threshold"] == {"fpr": 0.01, "z": round(null.z_threshold(0.01), 4)}
+    n_inside = int(blocks_inside_mask(reconstruct_image(tiny_prior, image[0], spec, settings)[0].body_mask, 4).sum())
+    assert meta["z_threshold"] == {"rule": "fwer:0.05", "in_body_blocks": n_inside,
+                                   "z": round(null.family_threshold(0.05, n_inside, volume=True), 4)}
+    assert 0 < meta["volume_p"] <= 1 and 0 < meta["slices"][0]["slice_p"] <= 1
     result, _ = reconstruct_image(tiny_prior, image[0], spec, settings)
     z, _ = apply_null(null, result)
     inside = blocks_inside_mask(result.body_mask, 4).numpy()

@@ -269,3 +269,258 @@ def test_cli_train_bad_manifest_is_a_clean_error(tmp_path, capsys):
     code = cli_main(["train", "--manifest", str(tmp_path / "none.json"), "--out", str(tmp_path / "o"),
                      "--data-root", str(tmp_path)])
     assert code == 2 and "manifest: expected an existing JSON file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- training packs, continuing, options
+
+
+@pytest.fixture
+def toy_ct_manifest(tmp_path) -> tuple[Path, Path]:
+    """Six 16x16 CT phantom slices in HU (int16, air at -1000: outside the window) plus a dev file."""
+    root = tmp_path / "ct-data"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    items = []
+    for k, split in enumerate(["train", "dev"]):
+        hu = np.stack([ct_phantom(16, rng).image for _ in range(6)]).round().astype(np.int16)
+        np.savez(root / f"c{k}.npz", hu=hu)
+        items.append({"file": f"c{k}.npz", "sha256": file_sha256(root / f"c{k}.npz"), "split": split,
+                      "slices": [0, 2, 3, 5] if split == "train" else "all"})
+    manifest = {"schema": "klip-med-manifest", "version": 1, "name": "toy-ct", "modality": "CT",
+                "array_key": "hu", "licence": "synthetic", "items": items}
+    path = tmp_path / "toy-ct.json"
+    path.write_text(json.dumps(manifest))
+    return path, root
+
+
+@pytest.mark.parametrize("which", ["toy_manifest", "toy_ct_manifest"])
+def test_training_pack_gives_the_manifests_images_bit_for_bit(which, request, tmp_path):
+    from klip_med.data.manifest import read_manifest
+    from klip_med.priors.train_data import prepare_training_data, read_train_pack, write_train_pack
+
+    manifest, root = request.getfixturevalue(which)
+    read = read_manifest(manifest, root)
+    header = write_train_pack(read, tmp_path / "pack.npz")
+    direct = prepare_training_data(read, toy_settings())
+    packed = read_train_pack(tmp_path / "pack.npz", toy_settings())
+    assert torch.equal(direct.images, packed.images) and direct.images.abs().max() <= 1
+    assert direct.intensity == packed.intensity and direct.modality == packed.modality == read.modality
+    assert {k: v for k, v in packed.provenance.items() if k != "pack"} == direct.provenance
+    assert packed.provenance["pack"]["sha256"] == file_sha256(tmp_path / "pack.npz")
+    assert header["provenance"]["n_slices"] == direct.images.shape[0] == 8 if which == "toy_manifest" else 4
+    with np.load(tmp_path / "pack.npz") as data:  # a plain npz (LZMA members) that numpy reads
+        assert data["codes"].dtype == (np.uint8 if read.modality == "MR" else np.int16)
+    # training from the pack is training from the manifest
+    train_prior(manifest, tmp_path / "m", toy_settings(steps=2), root, progress=False)
+    train_prior(None, tmp_path / "p", toy_settings(steps=2), pack=tmp_path / "pack.npz", progress=False)
+    assert (tmp_path / "m" / "loss.csv").read_text() == (tmp_path / "p" / "loss.csv").read_text()
+
+
+def test_a_pack_that_does_not_decode_to_its_images_is_refused(toy_manifest, tmp_path):
+    import zipfile
+
+    from klip_med.data.manifest import read_manifest
+    from klip_med.priors.train_data import read_train_pack, write_train_pack
+
+    manifest, root = toy_manifest
+    write_train_pack(read_manifest(manifest, root), tmp_path / "pack.npz")
+    with np.load(tmp_path / "pack.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["codes"][0, 8, 8] ^= 1  # one grey level of one pixel
+    with zipfile.ZipFile(tmp_path / "bad.npz", "w") as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array)
+    with pytest.raises(KLIPMedError, match="expected decoded images with sha256"):
+        read_train_pack(tmp_path / "bad.npz", toy_settings())
+    with pytest.raises(KLIPMedError, match="mr_percentile 99.0, found 99.5"):
+        read_train_pack(tmp_path / "pack.npz", toy_settings(mr_percentile=99.0))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(KLIPMedError, match="expected a klip-med-train-pack file"):
+        read_train_pack(tmp_path / "other.npz", toy_settings())
+    with pytest.raises(KLIPMedError, match="--pack: expected a training pack file"):
+        read_train_pack(tmp_path / "none.npz", toy_settings())
+    with pytest.raises(KLIPMedError, match="exactly one of --manifest and --pack, found both"):
+        train_prior(manifest, tmp_path / "x", toy_settings(), root, pack=tmp_path / "pack.npz", progress=False)
+
+
+def test_continuing_a_prior_adds_up_steps_seconds_and_the_loss_curve(toy_manifest, tmp_path):
+    manifest, root = toy_manifest
+    train_prior(manifest, tmp_path / "a", toy_settings(steps=4), root, progress=False)
+    # no step yet: the export is the prior continued, EMA and all
+    train_prior(manifest, tmp_path / "b0", toy_settings(steps=4), root, stop_after=0,
+                init_from=tmp_path / "a", progress=False)
+    a, b0 = load_prior_dir(tmp_path / "a"), load_prior_dir(tmp_path / "b0")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b0.state_dict().values(), strict=True))
+    summary = train_prior(manifest, tmp_path / "b", toy_settings(steps=3, seed=11), root,
+                          init_from=tmp_path / "a", progress=False)
+    assert summary["steps"] == 3 and summary["steps_trained"] == 7
+    first, second = PriorConfig.read(tmp_path / "a" / "config.json"), PriorConfig.read(tmp_path / "b" / "config.json")
+    t = second.training
+    assert t["steps_trained"] == 7 and t["continued_from"]["steps_trained"] == 4
+    assert t["train_seconds"] >= first.training["train_seconds"]
+    assert [r["steps"] for r in t["runs"]] == [4, 3] and t["runs"][1]["seed"] == 11
+    assert t["runs"][1]["mixed_precision"] == "float32" and t["runs"][1]["compile"] is None
+    rows_a = (tmp_path / "a" / "loss.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "loss.csv").read_text().splitlines()
+    assert rows_b[: len(rows_a)] == rows_a and [r.split(",")[0] for r in rows_b[len(rows_a):]] == ["5", "6", "7"]
+
+
+def test_continuing_needs_the_same_network_and_intensity_rule(toy_manifest, toy_ct_manifest, tmp_path):
+    manifest, root = toy_manifest
+    train_prior(manifest, tmp_path / "a", toy_settings(steps=1), root, progress=False)
+    with pytest.raises(KLIPMedError, match=r"--init-from .*expected a prior with architecture .*\(--channels\)"):
+        train_prior(manifest, tmp_path / "b", toy_settings(channels=(16, 16, 16, 32)), root,
+                    init_from=tmp_path / "a", progress=False)
+    ct, ct_root = toy_ct_manifest
+    with pytest.raises(KLIPMedError, match="expected the intensity rule of the training data"):
+        train_prior(ct, tmp_path / "c", toy_settings(), ct_root, init_from=tmp_path / "a", progress=False)
+
+
+def test_a_run_compiled_then_resumed_eagerly_is_the_straight_run(toy_manifest, tmp_path):
+    """torch.compile (a tracing backend: the same arithmetic) is a run option: the state dict, the
+    EMA and the checkpoint are the eager run's, so a compiled run resumes eagerly, exactly."""
+    from klip_med.priors.train_step import TrainOptions
+
+    manifest, root = toy_manifest
+    traced = TrainOptions(compile_mode="default", compile_backend="eager")
+    train_prior(manifest, tmp_path / "a", toy_settings(), root, progress=False)
+    train_prior(manifest, tmp_path / "b", toy_settings(), root, stop_after=3, options=traced, progress=False)
+    train_prior(manifest, tmp_path / "b", toy_settings(), root, progress=False)
+    assert (tmp_path / "a" / "loss.csv").read_text() == (tmp_path / "b" / "loss.csv").read_text()
+    a, b = load_prior_dir(tmp_path / "a"), load_prior_dir(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    calls = PriorConfig.read(tmp_path / "b" / "config.json").training["runs"][0]["calls"]
+    assert [(c["from_step"], c["to_step"], c["compile"]) for c in calls] == [(0, 3, "default (eager)"), (3, 6, None)]
+
+
+def test_bf16_autocast_and_fused_adam_on_the_cpu(toy_manifest, tmp_path):
+    from klip_med.priors.train_step import TrainOptions
+
+    manifest, root = toy_manifest
+    train_prior(manifest, tmp_path / "f", toy_settings(steps=3), root, progress=False)
+    train_prior(manifest, tmp_path / "h", toy_settings(steps=3), root, progress=False,
+                options=TrainOptions(precision="bf16", fused_adam=True))
+    run = PriorConfig.read(tmp_path / "h" / "config.json").training["runs"][-1]
+    assert run["mixed_precision"] == "bf16 autocast" and run["fused_adam"] is True
+    f32 = [float(r.split(",")[1]) for r in (tmp_path / "f" / "loss.csv").read_text().splitlines()[1:]]
+    bf16 = [float(r.split(",")[1]) for r in (tmp_path / "h" / "loss.csv").read_text().splitlines()[1:]]
+    assert f32 != bf16 and np.allclose(f32, bf16, rtol=0.1)  # same batches, rounded network
+    with pytest.raises(KLIPMedError, match=r"--precision: expected one of \['auto', 'bf16', 'float32'\]"):
+        TrainOptions(precision="fp8")
+
+
+def test_lr_schedule_of_a_continued_run():
+    from klip_med.priors.train import lr_at
+
+    s = toy_settings(steps=200000, warmup_steps=200, lr=2e-4, final_lr_fraction=1.0)
+    assert lr_at(0, s) == pytest.approx(1e-6) and lr_at(99, s) == pytest.approx(1e-4)
+    assert lr_at(199, s) == lr_at(200, s) == lr_at(150000, s) == pytest.approx(2e-4)
+    decaying = toy_settings(steps=1200, warmup_steps=200, lr=2e-4, final_lr_fraction=0.1)
+    assert lr_at(700, decaying) == pytest.approx(1.1e-4) and lr_at(1200, decaying) == pytest.approx(2e-5)
+
+
+def test_a_killed_run_leaves_its_last_minute_published(toy_manifest, tmp_path):
+    """--checkpoint-minutes 0 checkpoints and publishes after every step; kill -9 keeps the tar."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    manifest, root = toy_manifest
+    tar = tmp_path / "prior.tar"
+    cmd = [sys.executable, "-m", "klip_med", "train", "--manifest", str(manifest), "--data-root", str(root),
+           "--out", str(tmp_path / "run"), "--steps", "100000", "--batch-size", "2", "--channels", "16,16,16,16",
+           "--weights-dtype", "float32", "--warmup", "1", "--checkpoint-minutes", "0", "--publish", str(tar),
+           "--no-progress", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not tar.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert tar.is_file(), err.decode()[-2000:]
+    with tarfile.open(tar) as archive:
+        assert sorted(archive.getnames()) == ["run/config.json", "run/loss.csv", "run/weights.safetensors"]
+        archive.extractall(tmp_path / "back", filter="data")
+    prior = priors.load(tmp_path / "back" / "run")
+    steps = prior.config.training["steps_trained"]
+    assert 1 <= steps < 100000
+    assert (tmp_path / "back" / "run" / "loss.csv").read_text().splitlines()[-1].startswith(f"{steps},")
+
+
+def test_cli_train_from_a_pack_continuing_a_prior(toy_manifest, tmp_path, capsys):
+    from klip_med.data.manifest import read_manifest
+    from klip_med.priors.train_data import write_train_pack
+
+    manifest, root = toy_manifest
+    write_train_pack(read_manifest(manifest, root), tmp_path / "pack.npz")
+    train_prior(manifest, tmp_path / "a", toy_settings(steps=2), root, progress=False)
+    code = cli_main(["train", "--pack", str(tmp_path / "pack.npz"), "--init-from", str(tmp_path / "a"),
+                     "--out", str(tmp_path / "b"), "--steps", "2", "--batch-size", "2", "--warmup", "1",
+                     "--weights-dtype", "float32", "--no-progress", "--precision", "bf16",
+                     "--publish", str(tmp_path / "b.tar")])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["steps_trained"] == 4 and summary["published"] == str(tmp_path / "b.tar")
+    assert priors.load(tmp_path / "b").config.architecture["channels"] == [16, 16, 16, 16]  # from --init-from
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--pack", "p.npz", "--manifest", "m.json", "--out", str(tmp_path / "c")])
+    assert "not allowed with argument --pack" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the plateau rule
+
+
+def _curve(steps: int, every: int, loss) -> list[tuple[int, float]]:
+    return [(s, float(loss(s))) for s in range(every, steps + 1, every)]
+
+
+def test_plateau_rule_on_falling_flat_and_short_curves():
+    from klip_med.priors.plateau import plateau
+
+    rng = np.random.default_rng(0)
+    falling = plateau(_curve(20000, 50, lambda s: 0.008 + 0.004 * np.exp(-s / 8000)))
+    assert falling.plateaued is False and falling.drop > 0.02 and "still falling" in falling.reason
+    flat = plateau(_curve(20000, 50, lambda s: 0.008 * (1 + 0.05 * rng.standard_normal())))
+    assert flat.plateaued is True and abs(flat.drop) < 0.02 and "plateaued" in flat.reason
+    rising = plateau(_curve(20000, 100, lambda s: 0.008 + 1e-8 * s))
+    assert rising.plateaued is True and rising.drop < 0
+    short = plateau(_curve(6000, 100, lambda s: 0.01))
+    assert short.plateaued is None and short.drop is None and "too few steps" in short.reason
+    # the windows: the last 30% of 20000 steps starts at 14000; [14000, 15000] against [19000, 20000]
+    step = plateau(_curve(20000, 100, lambda s: 0.010 if s <= 15000 else 0.0099))
+    assert step.first_mean == pytest.approx(0.010) and step.last_mean == pytest.approx(0.0099)
+    assert step.drop == pytest.approx(0.01) and step.plateaued is True
+
+
+def test_plateau_windows_weight_rows_by_the_steps_they_cover():
+    from klip_med.priors.plateau import plateau
+
+    # a first run logged every 100 steps, a continued one every 50: each row is the mean of its interval
+    rows = _curve(14000, 100, lambda s: 0.02) + [(s, 0.01) for s in range(14050, 20001, 50)]
+    verdict = plateau(rows)
+    assert verdict.first_mean == pytest.approx(0.01) and verdict.last_mean == pytest.approx(0.01)
+    coarse = [(14100, 0.03)]  # one row covering 14000..14100, then finer rows
+    verdict = plateau(_curve(14000, 100, lambda s: 0.02) + coarse + [(s, 0.01) for s in range(14150, 20001, 50)])
+    assert verdict.first_mean == pytest.approx((100 * 0.03 + 900 * 0.01) / 1000)
+
+
+def test_plateau_rule_refuses_bad_curves(tmp_path):
+    from klip_med.priors.plateau import plateau, read_loss_csv
+
+    for rows, named in (([], "at least one"), ([(10, 0.1), (5, 0.1)], "strictly increasing"),
+                        ([(10, float("nan"))], "finite losses"), ([(0, 0.1)], "steps >= 1")):
+        with pytest.raises(KLIPMedError, match=named):
+            plateau(rows)
+    with pytest.raises(KLIPMedError, match="tail: expected a fraction"):
+        plateau([(10, 0.1)], tail=0)
+    (tmp_path / "loss.csv").write_text("step,loss\n10,0.1\n20,abc\n")
+    with pytest.raises(KLIPMedError, match="line 3: expected 'step,loss'"):
+        read_loss_csv(tmp_path / "loss.csv")
+    shipped = read_loss_csv(Path(priors.available()["mri-brain-flair-128"]) / "loss.csv")
+    assert plateau(shipped).steps == shipped[-1][0] > 6000

@@ -14,10 +14,17 @@ size: timing only), measures the bundled demo slice of its modality B times, and
 - with ``dtype=bfloat16``: the KLIP block maps and PSNR against the float32 network;
 - a roofline line: achieved network TFLOP/s against the device's measured matrix rate.
 
+:func:`run_suite` runs a list of benchmarks in one process under a time budget (one JSON file
+that grows as they finish); :func:`train_throughput` times ``klip-med train``'s step at several
+batch sizes and :func:`choose_batch` picks the largest one that still helps.
+
 Times are seconds, memory bytes, PSNR dB on the prior's [-1, 1] range (data range 2).
 """
 
 from klip_med.bench.core import overhead_fraction, run_bench, write_report
 from klip_med.bench.settings import COMPARISONS, BenchSettings, parse_compare
+from klip_med.bench.suite import SuiteEntry, format_table, run_suite, summary_row
+from klip_med.bench.train_rate import choose_batch, train_throughput
 
-__all__ = ["COMPARISONS", "BenchSettings", "overhead_fraction", "parse_compare", "run_bench", "write_report"]
+__all__ = ["COMPARISONS", "BenchSettings", "SuiteEntry", "choose_batch", "format_table", "overhead_fraction",
+           "parse_compare", "run_bench", "run_suite", "summary_row", "train_throughput", "write_report"]

@@ -31,22 +31,32 @@ class NetworkOptions(nn.Module):
         bf16: autocast the network to bfloat16; the output is cast back to float32.
         channels_last: feed the network channels-last inputs (the caller converts the weights).
         compile_mode: ``torch.compile`` mode, or ``None`` for eager.
+        compile_backend: ``inductor``; ``aot_eager`` / ``eager`` only trace (dry runs on a CPU).
     """
 
     def __init__(self, unet: nn.Module, device_type: str, *, bf16: bool = False,
-                 channels_last: bool = False, compile_mode: str | None = None) -> None:
+                 channels_last: bool = False, compile_mode: str | None = None,
+                 compile_backend: str = "inductor") -> None:
         super().__init__()
-        self.net = unet if compile_mode is None else torch.compile(unet, mode=compile_mode)
+        if compile_mode is None:
+            self.net = unet
+        elif compile_backend == "inductor":
+            self.net = torch.compile(unet, mode=compile_mode)
+        else:
+            self.net = torch.compile(unet, backend=compile_backend)
         self.device_type = device_type
         self.bf16 = bf16
         self.channels_last = channels_last
+        # CUDA graphs reuse their output buffers at the next replay: the sampler keeps outputs across steps
+        self.copy_out = compile_mode == "reduce-overhead"
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.net(x, t)
-        return out.to(torch.float32).contiguous()
+        out = out.to(torch.float32).contiguous()
+        return out.clone() if self.copy_out else out
 
 
 @dataclass
@@ -78,7 +88,8 @@ class BenchCase:
         if settings.channels_last:
             self.prior.unet.to(memory_format=torch.channels_last)  # our own copy: same values, new layout
         unet = NetworkOptions(self.prior.unet, self.truth.device.type, bf16=bf16,
-                              channels_last=settings.channels_last, compile_mode=settings.compiled)
+                              channels_last=settings.channels_last, compile_mode=settings.compiled,
+                              compile_backend=settings.compile_backend)
         return DiffusionPrior(self.prior.config, unet=unet).eval()
 
 

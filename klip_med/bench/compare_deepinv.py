@@ -50,7 +50,7 @@ def _timed(runner: Runner, build, prior, steps: int, observers=()) -> tuple[torc
 def run_deepinv(runner: Runner, prior) -> dict[str, Any]:
     """Warm-up and timed runs of both deepinv variants; seconds per slice (median) and PSNR."""
     settings, case = runner.settings, runner.case
-    out: dict[str, Any] = {"weight": settings.deepinv_weight, "steps": settings.steps,
+    out: dict[str, Any] = {"weight": settings.deepinv_weight, "steps": settings.steps, "samples": settings.samples,
                            "note": "N solver steps of 1 network forward + 1 backward each; deepinv's final "
                                    "denoising adds at most one forward"}
     for name, build in VARIANTS.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,12 @@ def network_gflop(prior, device: str) -> float:
 def _ours(runner: Runner, prior) -> dict[str, Any]:
     """Warm-up, then ``repeats`` pairs of runs with / without the accumulator (order alternating)."""
     s = runner.settings
+    started = time.perf_counter()
     for _ in range(s.warmup):
         runner.run(prior, [runner.accumulator(prior)], steps=min(s.steps, 3))
         runner.run(prior, [], steps=min(s.steps, 3))
+    runner.clock.sync()
+    warmup_seconds = time.perf_counter() - started
     runner.clock.reset_peak()
     host_before = host_peak_bytes()
     with_s, without_s, same = [], [], True
@@ -74,6 +78,7 @@ def _ours(runner: Runner, prior) -> dict[str, Any]:
         same = same and torch.equal(last[0].samples, plain.samples)
     result, acc = last
     return {"with_klip_s": with_s, "without_klip_s": without_s, "result": result, "accumulator": acc,
+            "warmup_seconds": warmup_seconds,
             "same_samples_with_and_without_klip": bool(same), "peak_gpu_bytes": runner.clock.peak_bytes(),
             "peak_host_bytes": host_peak_bytes(), "host_peak_growth_bytes": host_peak_bytes() - host_before}
 
@@ -157,6 +162,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             "image_size": int(prior.image_shape[-1]), "samples": settings.samples, "steps": settings.steps,
             "sampler": settings.sampler, "batch": settings.batch, "dtype": settings.dtype,
             "compile": settings.compiled, "channels_last": settings.channels_last, "tf32": settings.tf32,
+            "compile_backend": settings.compile_backend if settings.compile else None,
+            "warmup_seconds": ours["warmup_seconds"],
             "physics": case.physics_spec, "repeats": settings.repeats, "warmup": settings.warmup,
             "seconds_per_slice": seconds / settings.batch,
             "slices_per_second": settings.batch / seconds,
@@ -190,16 +197,22 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             report.update(deepinv_seconds_per_slice=dinv["adapter"]["seconds_per_slice"],
                           deepinv_plain_seconds_per_slice=dinv["plain"]["seconds_per_slice"],
                           deepinv_psnr_db=dinv["adapter"]["psnr_db"], deepinv=dinv)
-        if settings.dtype == "bfloat16":
+        if settings.dtype == "bfloat16" and settings.check_bf16:
             bf16 = _bf16_check(runner, case, acc, means)
             report.update(bf16_klip_max_rel_error=bf16["klip_block_max_rel_error"], bf16=bf16)
         gflop = network_gflop(case.prior, settings.device)
         passes = 3.0 if settings.sampler == "dps" else 1.0  # a backward costs about two forwards
+        achieved = gflop * passes * result.nfe * runner.rows / seconds / 1e3
+        rates = matmul_tflops(clock.device, clock)
+        ceiling = rates["device_matmul_tflops"] if settings.dtype == "bfloat16" or not clock.cuda else \
+            rates["device_matmul_tflops_float32"]
         report["roofline"] = {
             "network_gflop_per_image_forward": gflop,
-            "achieved_network_tflops": gflop * passes * result.nfe * runner.rows / seconds / 1e3,
-            "note": "forward FLOPs (conv + matmul) x evaluations / time; DPS counts backward as 2 forwards",
-            **matmul_tflops(clock.device, clock),
+            "achieved_network_tflops": achieved,
+            "fraction_of_matmul_rate": achieved / ceiling,
+            "note": "forward FLOPs (conv + matmul) x evaluations / time; DPS counts backward as 2 forwards; "
+                    "fraction_of_matmul_rate: against the measured dense matmul rate of the run's dtype",
+            **rates,
         }
     for key in ("trajectory_seconds_per_slice", "trajectory_bytes", "deepinv_seconds_per_slice",
                 "deepinv_plain_seconds_per_slice", "deepinv_psnr_db", "bf16_klip_max_rel_error"):

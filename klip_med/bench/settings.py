@@ -10,6 +10,7 @@ SAMPLERS = ("dps", "fast")
 DTYPES = ("float32", "bfloat16")
 COMPARISONS = ("deepinv", "trajectory")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def parse_compare(text: str) -> tuple[str, ...]:
@@ -45,7 +46,12 @@ class BenchSettings:
         physics: operator spec; ``None`` = the demo's for the prior's modality.
         dtype: ``float32`` or ``bfloat16`` (autocast of the network only; the sampler and the
             accumulator stay float32).
+        check_bf16: with ``bfloat16``, also run the float32 network (compiled alike) on the same
+            seed for the KLIP map error; off saves a second compilation when an eager run already
+            measured it.
         compile: ``torch.compile`` the network with ``compile_mode``.
+        compile_backend: ``inductor`` (the real thing); ``aot_eager`` / ``eager`` only trace the
+            network (seconds instead of minutes on a CPU: dry runs of a session script).
         channels_last: run the network in channels-last memory format.
         tf32: allow TF32 matmuls / convolutions on CUDA (restored afterwards).
         compare: which comparisons to run (:data:`COMPARISONS`).
@@ -71,8 +77,10 @@ class BenchSettings:
     compare_repeats: int = 1
     physics: str | None = None
     dtype: str = "float32"
+    check_bf16: bool = True
     compile: bool = False
     compile_mode: str = "default"
+    compile_backend: str = "inductor"
     channels_last: bool = False
     tf32: bool = False
     compare: tuple[str, ...] = COMPARISONS
@@ -91,6 +99,8 @@ class BenchSettings:
         expect(self.dtype in DTYPES, "--dtype", f"one of {list(DTYPES)}", repr(self.dtype))
         expect(self.compile_mode in COMPILE_MODES, "--compile-mode", f"one of {list(COMPILE_MODES)}",
                repr(self.compile_mode))
+        expect(self.compile_backend in COMPILE_BACKENDS, "--compile-backend",
+               f"one of {list(COMPILE_BACKENDS)}", repr(self.compile_backend))
         for flag, value, low in (("--samples", self.samples, 1), ("--steps", self.steps, 1),
                                  ("--batch", self.batch, 1), ("--repeats", self.repeats, 1),
                                  ("--warmup", self.warmup, 0), ("--compare-repeats", self.compare_repeats, 1),

@@ -117,13 +117,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def matmul_tflops(device: torch.device, clock: Clock) -> dict[str, Any]:
-    """The device's measured dense matrix rate: bf16 on CUDA, float32 on CPU (TFLOP/s)."""
-    cuda = clock.cuda
-    n, repeats = (8192, 20) if cuda else (1024, 5)
-    dtype = torch.bfloat16 if cuda else torch.float32
+def _matmul_rate(device: torch.device, clock: Clock, dtype: torch.dtype, n: int, repeats: int) -> float:
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
+    a = torch.randn(n, n, generator=gen, device=device, dtype=dtype)  # random data: zeros run faster
     b = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
     a @ b  # warm-up
 
@@ -132,5 +128,19 @@ def matmul_tflops(device: torch.device, clock: Clock) -> dict[str, Any]:
             a @ b
 
     _, seconds = clock.time(work)
-    return {"matmul_dtype": str(dtype).removeprefix("torch."), "matmul_size": n,
-            "device_matmul_tflops": round(2 * n**3 * repeats / seconds / 1e12, 4)}
+    return round(2 * n**3 * repeats / seconds / 1e12, 4)
+
+
+def matmul_tflops(device: torch.device, clock: Clock) -> dict[str, Any]:
+    """The device's measured dense matrix rate (TFLOP/s): bf16 on CUDA, float32 on CPU; on CUDA
+    also float32 (TF32 as the caller has set it)."""
+    cuda = clock.cuda
+    n, repeats = (8192, 20) if cuda else (1024, 5)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    out = {"matmul_dtype": str(dtype).removeprefix("torch."), "matmul_size": n,
+           "device_matmul_tflops": _matmul_rate(device, clock, dtype, n, repeats)}
+    out["device_matmul_tflops_float32"] = (_matmul_rate(device, clock, torch.float32, n, 5) if cuda
+                                           else out["device_matmul_tflops"])
+    if cuda:
+        out["matmul_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return out

@@ -39,44 +39,94 @@ COVARIATE = {"intensity": "intensity", "edge": "edge_distance", "texture": "text
 BINS = {"intensity": 10, "edge": 8, "texture": 8}
 
 
-def shrunk_position_stats(values: np.ndarray, present: np.ndarray, prior_mean: float, strength: float,
-            within_var: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-position mean and std over images, shrunk towards the global mean and the pooled
-    within-position variance with ``strength`` pseudo-observations (a block seldom inside the body
-    borrows them).
+SPREADS = ("predictive", "legacy")
+"""How a family's per-unit spread is estimated. ``predictive`` (the default): the predictive
+variance of a new block under a normal hierarchical model of the units (positions or bins), with
+the shrinkage strength estimated from the data and the shrinkage bias added; ``legacy``: the first
+round's estimator (fixed pseudo-observations, no term for the pull), kept to measure the change."""
+VARIANCE_PSEUDO = 5.0
+"""Pseudo-observations that pull a unit's own variance towards the pooled within-unit variance."""
+TAU_FLOOR = 1e-3
+"""Smallest between-unit variance, as a fraction of the within-unit variance (keeps k finite)."""
+
+
+def predictive_stats(y: np.ndarray, unit: np.ndarray, n_units: int,
+                     shrinkage: float | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Per-unit mean and predictive std of a new observation, from observations ``y`` of ``unit``.
+
+    The model: unit means ``theta_j ~ N(mu, tau^2)``, observations ``y ~ N(theta_j, sigma_j^2)``.
+    With ``n_j`` observations of mean ``ybar_j`` and ``k = sigma_w^2 / tau^2`` (``sigma_w^2`` the pooled
+    within-unit variance, ``tau^2`` the between-unit variance by the method of moments):
+
+    - mean: ``m_j = (n_j ybar_j + k mu) / (n_j + k)`` (``mu`` for an unseen unit);
+    - spread: ``s_j^2 (1 + 1 / (n_j + k)) + (m_j - ybar_j)^2``: the unit's own variance ``s_j^2``
+      (pulled towards ``sigma_w^2`` by :data:`VARIANCE_PSEUDO` observations) times the normal model's
+      predictive factor, plus the squared shrinkage bias, so a unit seen a few times far from the
+      rest is not scored against the pulled mean with its own small spread. An unseen unit gets
+      ``sigma_w^2 + tau^2``.
 
     Args:
-        values: (N, gh, gw) log densities. present: (N, gh, gw) bool (block inside the body).
-        within_var: pooled within-position variance to shrink to (default: computed here).
+        y: (M,) observations (log block densities). unit: (M,) int unit of each, in [0, n_units).
+        shrinkage: ``k`` fixed by the caller; None estimates it (empirical Bayes).
 
     Returns:
-        ``(mean, std, within_var)``, mean and std (gh, gw).
+        ``(mean, std, info)``: (n_units,) each; info holds ``within_var``, ``between_var``, ``k``.
     """
+    y = np.asarray(y, dtype=np.float64)
+    unit = np.asarray(unit, dtype=np.int64)
+    n = np.bincount(unit, minlength=n_units).astype(np.float64)
+    s1 = np.bincount(unit, weights=y, minlength=n_units)
+    mu = float(y.mean())
+    ybar = np.where(n > 0, s1 / np.maximum(n, 1.0), mu)
+    ss = np.bincount(unit, weights=(y - ybar[unit]) ** 2, minlength=n_units)
+    dof = float(np.maximum(n - 1.0, 0.0).sum())
+    within = max(float(ss.sum() / dof) if dof > 0 else float(y.var()), 1e-12)
+    seen = n >= 2
+    between = TAU_FLOOR * within
+    if int(seen.sum()) >= 2:
+        between = max(float(np.mean((ybar[seen] - mu) ** 2) - np.mean(within / n[seen])), between)
+    k = within / between if shrinkage is None else float(shrinkage)
+    mean = (s1 + k * mu) / (n + k)
+    own = (ss + VARIANCE_PSEUDO * within) / (np.maximum(n - 1.0, 0.0) + VARIANCE_PSEUDO)
+    bias = np.where(n > 0, mean - ybar, 0.0)
+    var = own * (1.0 + 1.0 / (n + k)) + bias**2
+    return mean, np.sqrt(np.maximum(var, 1e-12)), {"within_var": within, "between_var": between, "k": k}
+
+
+def legacy_position_stats(values: np.ndarray, present: np.ndarray, prior_mean: float,
+                          strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first round's per-position statistics (``spread="legacy"``): mean and std shrunk with
+    ``strength`` pseudo-observations, the std without a term for the pull. values, present: (N, gh, gw)."""
     n = present.sum(axis=0)
     s1 = np.where(present, values, 0.0).sum(axis=0)
     own_mean = s1 / np.maximum(n, 1)
     ss = np.where(present, (values - own_mean) ** 2, 0.0).sum(axis=0)
-    if within_var is None:
-        dof = np.maximum(n - 1, 0).sum()
-        within_var = float(ss.sum() / dof) if dof > 0 else float(np.var(values[present]))
-        within_var = max(within_var, 1e-12)
+    dof = np.maximum(n - 1, 0).sum()
+    within_var = max(float(ss.sum() / dof) if dof > 0 else float(np.var(values[present])), 1e-12)
     mean = (s1 + strength * prior_mean) / (n + strength)
     var = (ss + strength * within_var) / (np.maximum(n - 1, 0) + strength)
-    return mean, np.sqrt(np.maximum(var, 1e-12)), within_var
+    return mean, np.sqrt(np.maximum(var, 1e-12))
 
 
 def window_stats(values: np.ndarray, covariate: np.ndarray | None, present: np.ndarray, conditioning: str,
-                  edges: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+                 edges: np.ndarray, shrinkage: float | None, spread: str = "predictive") -> tuple[np.ndarray, np.ndarray]:
     """One window's statistics: ``(mean, std)``, (gh, gw) for ``position``, (n_bins,) otherwise.
 
     values: (N, gh, gw) log densities; covariate: (N, gh, gw) binned covariate (binned families);
-    present: (N, gh, gw) bool."""
+    present: (N, gh, gw) bool. ``shrinkage``: None estimates it (``predictive``; ``legacy`` uses 5)."""
     y = values[present]
-    g_mean, g_var = float(y.mean()), float(max(y.var(), 1e-12))
     if conditioning == "position":
-        mean, std, _ = shrunk_position_stats(values, present, g_mean, shrinkage)
-        return mean, std
+        grid = values.shape[1:]
+        if spread == "legacy":
+            return legacy_position_stats(values, present, float(y.mean()), 5.0 if shrinkage is None else shrinkage)
+        unit = np.broadcast_to(np.arange(int(np.prod(grid))).reshape(grid), values.shape)[present]
+        mean, std, _ = predictive_stats(y, unit, int(np.prod(grid)), shrinkage)
+        return mean.reshape(grid), std.reshape(grid)
     bins = np.searchsorted(edges, covariate, side="right") if covariate is not None else np.zeros(values.shape, int)
+    if spread == "predictive":
+        mean, std, _ = predictive_stats(y, bins[present], edges.size + 1, shrinkage)
+        return mean, std
+    g_mean, g_var = float(y.mean()), float(max(y.var(), 1e-12))
     mean = np.full(edges.size + 1, g_mean)
     std = np.full(edges.size + 1, np.sqrt(g_var))
     for b in range(edges.size + 1):
@@ -98,7 +148,7 @@ def stack_covariate(covariates: Sequence[dict[str, np.ndarray]], conditioning: s
     return out
 
 
-def fit_family(values, covariates, present, conditioning, n_bins, shrinkage):
+def fit_family(values, covariates, present, conditioning, n_bins, shrinkage, spread="predictive"):
     """(mean, std, edges) of one family; values (W, N, gh, gw)."""
     cov = stack_covariate(covariates, conditioning, present.shape)
     edges = np.array([])
@@ -106,7 +156,7 @@ def fit_family(values, covariates, present, conditioning, n_bins, shrinkage):
         bins = n_bins or BINS[conditioning]
         if bins > 1:
             edges = np.unique(np.quantile(cov[present], np.linspace(0.0, 1.0, bins + 1)[1:-1]))
-    stats = [window_stats(v, cov, present, conditioning, edges, shrinkage) for v in values]
+    stats = [window_stats(v, cov, present, conditioning, edges, shrinkage, spread) for v in values]
     mean = np.stack([m for m, _ in stats])
     std = np.stack([s for _, s in stats])
     if conditioning == "none":
@@ -124,7 +174,8 @@ def expected_stats(mean, std, edges, conditioning, covariate):
     return mean[:, b], std[:, b]
 
 
-def heldout_scores(values, covariates, present, groups, family, n_bins, shrinkage) -> tuple[np.ndarray, float]:
+def heldout_scores(values, covariates, present, groups, family, n_bins, shrinkage,
+                   spread="predictive") -> tuple[np.ndarray, float]:
     """Each group's ID blocks scored under the family fitted on the other groups.
 
     Returns:
@@ -138,7 +189,7 @@ def heldout_scores(values, covariates, present, groups, family, n_bins, shrinkag
     for g in np.unique(groups):
         test, train = groups == g, groups != g
         mean, std, edges = fit_family(values[:, train], [c for c, t in zip(covariates, train, strict=True) if t],
-                                       present[train], family, n_bins, shrinkage)
+                              present[train], family, n_bins, shrinkage, spread)
         cov = stack_covariate([c for c, t in zip(covariates, test, strict=True) if t], family, present[test].shape)
         for k, idx in enumerate(np.flatnonzero(test)):
             mu, sd = expected_stats(mean, std, edges, family, None if cov is None else cov[k])

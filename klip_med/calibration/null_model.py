@@ -12,13 +12,21 @@ same sampler settings. It needs no out-of-distribution data. It turns a block ma
   the same posterior-mean brightness (``"intensity"``), or all of them (``"none"``). ``"auto"`` (the default) picks among position / edge / none the family that
   predicts held-out ID blocks best: a choice made with ID data only. Several windows are combined
   into one z-score (Stouffer, with the spread of the sum measured on ID data);
-- **p-values**: the fraction of ID blocks whose z-score is at least as high,
-  ``(1 + #{z_ref >= z}) / (n_ref + 1)`` (conservative empirical p-value);
-- a **threshold** at a chosen false-positive rate: the z above which that fraction of ID blocks lies.
+- **block p-values**: the fraction of ID blocks whose z-score is at least as high,
+  ``(1 + #{z_ref >= z}) / (n_ref + 1)``, with a fitted tail beyond the reference
+  (:mod:`klip_med.calibration.tails`);
+- **slice and volume p-values** of a maximum over many blocks (:mod:`klip_med.calibration.levels`);
+- **thresholds**: per block at a false-positive rate, or per slice / volume at a family-wise rate.
+
+Each position's (or bin's) spread is the predictive spread of a new healthy block
+(:func:`klip_med.calibration.families.predictive_stats`): a position seldom inside the body is not
+scored against a mean pulled towards the others with its own small spread.
 
 Blocks are counted where at least half their pixels are inside the body mask, as everywhere in
 klip_med. The model records the conditions it was fitted under (prior weights, operator, sampler
-settings, window, block size); :meth:`NullModel.check_conditions` refuses to apply it elsewhere.
+settings, windows, block size; :meth:`NullModel.check_conditions` refuses to apply it elsewhere)
+and a fingerprint of each calibration image (:meth:`NullModel.overlap` finds them among the images
+to be scored: a model must not score its own calibration images).
 
 Stored as one JSON file (arrays as lists: a few thousand numbers), written atomically.
 """
@@ -26,8 +34,8 @@ Stored as one JSON file (arrays as lists: a few thousand numbers), written atomi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +44,19 @@ import numpy as np
 from klip_med._atomic import atomic_path
 from klip_med.calibration.conditions import differences
 from klip_med.calibration.families import (
-    AUTO_FAMILIES,
     CONDITIONING,
     COVARIATE,
+    SPREADS,
     expected_stats,
-    fit_family,
-    heldout_scores,
     log_density,
     stack_covariate,
 )
+from klip_med.calibration.levels import family_p, family_threshold
+from klip_med.calibration.tails import Tail
 from klip_med.errors import KLIPMedError, check_keys, expect
 
 NULL_FORMAT = "klip-med-null"
-NULL_VERSION = 1
+NULL_VERSION = 2
 MIN_BLOCKS = 8
 """A model needs at least this many in-body ID blocks in all."""
 
@@ -80,7 +88,13 @@ class NullModel:
         n_images: ID images the blocks came from.
         source: where the ID images came from (manifest split, prior samples, ...).
         extra: fit details; ``selection`` holds the held-out log-likelihood of each family when
-            ``conditioning="auto"`` chose.
+            ``conditioning="auto"`` chose; ``slice_level`` the fit of ``effective_fraction``.
+        effective_fraction: independent tests per in-body block, ``c`` of
+            :mod:`klip_med.calibration.levels` (slice and volume p-values, family-wise thresholds).
+        spread: the per-unit spread estimator (:data:`klip_med.calibration.families.SPREADS`).
+        fingerprints: one ``{"key", "sha256"}`` per calibration image: its manifest key
+            (``name:file[index]``) and the SHA-256 of its float32 pixels in physical units (None
+            where unknown, e.g. the prior's own samples have neither).
     """
 
     conditions: dict[str, Any]
@@ -93,73 +107,18 @@ class NullModel:
     n_images: int
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    effective_fraction: float = 1.0
+    spread: str = "predictive"
+    fingerprints: tuple[dict[str, str | None], ...] = ()
 
     @property
     def n_windows(self) -> int:
         return int(self.mean.shape[0])
 
-    # ------------------------------------------------------------------ fit
-    @classmethod
-    def fit(cls, densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.ndarray]],
-            insides: Sequence[np.ndarray], conditions: dict[str, Any], source: str, conditioning: str = "auto",
-            groups: Sequence[str] | None = None, n_bins: int | None = None, shrinkage: float = 5.0) -> NullModel:
-        """Fit on ID images.
-
-        Args:
-            densities: per image, (W, gh, gw) block densities of the W windows, or (gh, gw) for one
-                window (nats per pixel).
-            covariates: per image, :func:`block_covariates` (``intensity``, ``texture``,
-                ``edge_distance``; only the one the conditioning bins on is needed).
-            insides: per image, (gh, gw) bool blocks inside the body.
-            conditions: see :attr:`conditions` (JSON-able).
-            source: description of the ID images.
-            conditioning: ``auto`` (the family among :data:`AUTO_FAMILIES` with the highest held-out
-                log-likelihood of the ID blocks, leaving one group out at a time; uses no OOD data),
-                ``position``, ``edge``, ``texture``, ``intensity`` or ``none``.
-            groups: group of each image (e.g. the patient; default, or when all images share one
-                group: each image alone). ``auto`` leaves one group out to choose the family, and
-                the reference z-scores are each computed with their group left out, so that
-                p-values include the spread between groups that a new patient brings.
-            n_bins: covariate bins (default 8 for ``edge`` and ``texture``, 10 for ``intensity``).
-            shrinkage: pseudo-observations of the global statistics per position (``position``).
-        """
-        expect(conditioning in CONDITIONING, "conditioning", f"one of {CONDITIONING}", conditioning)
-        n = len(densities)
-        expect(n == len(covariates) == len(insides) and n >= 2, "null calibration",
-               "the same number (>= 2) of density, covariate and inside maps",
-               f"{len(densities)}, {len(covariates)}, {len(insides)}")
-        expect(n_bins is None or (isinstance(n_bins, int) and n_bins >= 1), "n_bins", "an integer >= 1", n_bins)
-        dens = [np.asarray(d)[None] if np.ndim(d) == 2 else np.asarray(d) for d in densities]
-        grids = {d.shape for d in dens} | {(dens[0].shape[0], *np.shape(m)) for m in insides}
-        expect(len(grids) == 1 and len(dens[0].shape) == 3, "null calibration maps",
-               "one (windows, block grid) shape shared by all images", sorted(grids))
-        values = np.stack([log_density(d) for d in dens], axis=1)  # (W, N, gh, gw)
-        present = np.stack([np.asarray(m, bool) for m in insides])
-        expect(int(present.sum()) >= MIN_BLOCKS, "null calibration", f"at least {MIN_BLOCKS} in-body blocks",
-               int(present.sum()))
-        extra: dict[str, Any] = {}
-        labels = np.array([str(g) for g in groups] if groups is not None else [str(k) for k in range(n)])
-        expect(labels.size == n, "groups", f"one group per image ({n})", labels.size)
-        if np.unique(labels).size < 2:  # one patient: leave one image out instead
-            labels = np.array([str(k) for k in range(n)])
-        heldout = {}
-        if conditioning == "auto":
-            heldout = {f: heldout_scores(values, covariates, present, labels, f, n_bins, shrinkage) for f in AUTO_FAMILIES}
-            scores = {f: ll for f, (_, ll) in heldout.items()}
-            conditioning = max(scores, key=scores.get)
-            extra["selection"] = {"heldout_loglik_nats_per_block_window": {k: round(v, 4) for k, v in scores.items()},
-                                  "groups": int(np.unique(labels).size), "chosen": conditioning}
-        mean, std, edges = fit_family(values, covariates, present, conditioning, n_bins, shrinkage)
-        z_ref, _ = heldout.get(conditioning) or heldout_scores(values, covariates, present, labels, conditioning, n_bins,
-                                                         shrinkage)
-        summed = z_ref.sum(axis=0)[present]
-        scale = float(max(summed.std(), 1e-6))
-        y = values[:, present]
-        extra.update({"n_blocks": int(present.sum()), "log_density_mean": y.mean(axis=1).tolist(),
-                      "log_density_std": y.std(axis=1).tolist(),
-                      "shrinkage": shrinkage if conditioning == "position" else None,
-                      "reference": f"each block scored with its group left out ({np.unique(labels).size} groups)"})
-        return cls(dict(conditions), conditioning, mean, std, edges, scale, np.sort(summed / scale), n, source, extra)
+    @cached_property
+    def tail(self) -> Tail:
+        """The reference z-scores with their fitted upper tail (block p-values beyond the data)."""
+        return Tail.fit(self.reference_z)
 
     # ------------------------------------------------------------------ apply
     def window_z_scores(self, densities: np.ndarray, covariates: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -187,16 +146,33 @@ class NullModel:
         return self.window_z_scores(densities, covariates).sum(axis=0) / self.scale
 
     def p_values(self, z: np.ndarray) -> np.ndarray:
-        """Empirical upper-tail p-values of z-scores against the ID reference, same shape, in (0, 1]."""
-        z = np.asarray(z, dtype=np.float64)
-        n = self.reference_z.size
-        at_least = n - np.searchsorted(self.reference_z, z, side="left")
-        return (1.0 + at_least) / (n + 1.0)
+        """Block p-values of z-scores against the ID reference (fitted tail beyond it), same shape, in (0, 1]."""
+        return self.tail.p_values(z)
 
     def z_threshold(self, fpr: float) -> float:
-        """The z-score at and above which a fraction ``fpr`` of ID blocks lies (flag ``z >= it``)."""
+        """Per block: the z-score that a fraction ``fpr`` of ID blocks reaches (flag ``z >= it``)."""
         expect(0.0 < float(fpr) < 1.0, "fpr", "a false-positive rate in (0, 1)", fpr)
-        return float(np.quantile(self.reference_z, 1.0 - float(fpr), method="higher"))
+        return self.tail.z_at(float(fpr))
+
+    def family_p(self, z_max, n_blocks, volume: bool = False):
+        """p-value of the largest z-score ``z_max`` of a slice (or with ``volume`` a volume) of
+        ``n_blocks`` in-body blocks: how often a healthy one of that size reaches it
+        (:func:`klip_med.calibration.levels.family_p`; volumes use the tail's safe fit)."""
+        return family_p(self.tail.p_values(z_max, safe=volume), n_blocks, self.effective_fraction)
+
+    def family_threshold(self, alpha: float, n_blocks: int, volume: bool = False) -> float:
+        """The z-score that the largest of ``n_blocks`` healthy in-body blocks of a slice (or with
+        ``volume`` a volume) reaches with probability ``alpha``."""
+        return family_threshold(self.tail, alpha, n_blocks, self.effective_fraction, safe=volume)
+
+    def overlap(self, fingerprints) -> list[str]:
+        """Which of ``fingerprints`` (``{"key", "sha256"}`` dicts of images to be scored) are calibration
+        images of this model, by key or by pixel digest: their keys (or digests)."""
+        keys = {f.get("key") for f in self.fingerprints} - {None}
+        digests = {f.get("sha256") for f in self.fingerprints} - {None}
+        return [str(f.get("key") or f.get("sha256")) for f in fingerprints
+                if (f.get("key") is not None and f.get("key") in keys)
+                or (f.get("sha256") is not None and f.get("sha256") in digests)]
 
     def check_conditions(self, conditions: dict[str, Any], where: str = "null model") -> None:
         """Raise :class:`KLIPMedError` naming each condition that differs from the fitted one."""
@@ -211,6 +187,8 @@ class NullModel:
         for k in ("mean", "std", "edges", "reference_z"):
             d[k] = np.asarray(d[k]).tolist()
         d["scale"] = float(d["scale"])
+        d["fingerprints"] = [dict(f) for f in self.fingerprints]
+        d["extra"] = {**d["extra"], "tail": self.tail.to_dict()}
         return {"format": NULL_FORMAT, "version": NULL_VERSION, **d}
 
     def save(self, path: str | Path) -> Path:
@@ -230,10 +208,17 @@ class NullModel:
             raise KLIPMedError(f"{path}: expected a klip-med null model (JSON), found {type(exc).__name__}: {exc}") from exc
         expect(isinstance(data, dict) and data.get("format") == NULL_FORMAT, str(path),
                f"a JSON object with format {NULL_FORMAT!r}", data.get("format") if isinstance(data, dict) else type(data).__name__)
-        expect(data.get("version") == NULL_VERSION, f"{path}: version", NULL_VERSION, data.get("version"))
+        expect(data.get("version") == NULL_VERSION, f"{path}: version",
+               f"{NULL_VERSION} (a model of another version: refit it with `klip-med calibrate`)", data.get("version"))
         fields = ("conditions", "conditioning", "mean", "std", "edges", "scale", "reference_z", "n_images", "source",
-                  "extra")
+                  "extra", "effective_fraction", "spread", "fingerprints")
         check_keys(data, str(path), set(fields) | {"format", "version"}, set(fields) - {"extra"})
+        c = data["effective_fraction"]
+        expect(isinstance(c, (int, float)) and 0 < c <= 1, f"{path}: effective_fraction", "a number in (0, 1]", c)
+        expect(data["spread"] in SPREADS, f"{path}: spread", f"one of {SPREADS}", data["spread"])
+        prints = data["fingerprints"]
+        expect(isinstance(prints, list) and all(isinstance(f, dict) and set(f) <= {"key", "sha256"} for f in prints),
+               f"{path}: fingerprints", "a list of {'key', 'sha256'} objects", type(prints).__name__)
         expect(data["conditioning"] in CONDITIONING[1:], f"{path}: conditioning", f"one of {CONDITIONING[1:]}",
                data["conditioning"])
         try:
@@ -250,5 +235,7 @@ class NullModel:
               and isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0)
         expect(ok, f"{path}: arrays", "finite mean / std of the conditioning's shape (std > 0), a scale > 0 and a "
                "non-empty reference", {**{k: list(a.shape) for k, a in arrays.items()}, "scale": scale})
+        extra = {k: v for k, v in data.get("extra", {}).items() if k != "tail"}  # the tail is refitted on load
         return cls(data["conditions"], data["conditioning"], m, arrays["std"], arrays["edges"], float(scale),
-                   np.sort(arrays["reference_z"]), int(data["n_images"]), str(data["source"]), data.get("extra", {}))
+                   np.sort(arrays["reference_z"]), int(data["n_images"]), str(data["source"]), extra, float(c),
+                   data["spread"], tuple(dict(f) for f in prints))

@@ -39,15 +39,16 @@ def apply_null(null: NullModel, result,
     return z, null.p_values(z)
 
 
-def z_pixel_map(null: NullModel, result, windows: Sequence[int] | None = None) -> tuple[np.ndarray, float | None]:
-    """One reconstruction's combined z-scores on its pixels and its largest in-body z.
+def z_pixel_map(null: NullModel, result, windows: Sequence[int] | None = None) -> tuple[np.ndarray, float | None, int]:
+    """One reconstruction's combined z-scores on its pixels, its largest in-body z and its in-body blocks.
 
     Returns:
-        ``(z_map, z_max)``: (H, W) float64, each block's z on its pixels and 0 for blocks outside the
-        body; the largest z over in-body blocks (None when no block is inside the body).
+        ``(z_map, z_max, n_inside)``: (H, W) float64, each block's z on its pixels and 0 for blocks
+        outside the body; the largest z over in-body blocks (None when no block is inside the body);
+        the number of in-body blocks (what slice- and volume-level p-values correct for).
     """
     size = int(null.conditions["block_size"])
     z, _ = apply_null(null, result, windows)
     inside = blocks_inside_mask(result.body_mask, size).numpy()
     z_map = block_to_pixels(np.where(inside, z, 0.0), size, tuple(result.body_mask.shape))
-    return z_map, (float(z[inside].max()) if inside.any() else None)
+    return z_map, (float(z[inside].max()) if inside.any() else None), int(inside.sum())

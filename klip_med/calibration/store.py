@@ -46,14 +46,20 @@ def resolve_null(spec: str | Path | None, prior_reference: str | Path, prior, ph
     digest = weights_digest(prior)
     if str(spec) == "auto":
         folder = _prior_folder(prior_reference)
+        unreadable = []
         for path in sorted((folder / NULLS_DIR).glob("*.json")) if folder is not None else []:
-            model = NullModel.load(path)
+            try:
+                model = NullModel.load(path)
+            except KLIPMedError:  # e.g. a model of an older file version: never applied
+                unreadable.append(path.name)
+                continue
             try:
                 model.check_conditions(run_conditions(model, prior, physics_spec, settings, digest))
             except KLIPMedError:
                 continue
             return model, null_windows(model, settings), f"shipped with the prior: {path.name}"
-        return None, [], "none applies (auto: no null model shipped for these physics and settings)"
+        skipped = f"; unreadable, refit them with `klip-med calibrate`: {', '.join(unreadable)}" if unreadable else ""
+        return None, [], f"none applies (auto: no null model shipped for these physics and settings{skipped})"
     path = Path(spec)
     expect(path.is_file(), "--null", "a null model JSON file from `klip-med calibrate`, 'auto' or 'none'",
            f"no such file {str(path)!r}")

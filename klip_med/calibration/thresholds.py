@@ -1,14 +1,21 @@
 """Which blocks the OOD mask (the SEG) holds: threshold specs and the rule that applies them.
 
-Specs (``--threshold``):
+Specs (``--threshold``), with a null model (:mod:`klip_med.calibration`):
 
-- ``"fpr:A"`` (needs a null model, :mod:`klip_med.calibration`): blocks whose null z-score reaches
-  the level that a fraction ``A`` of in-distribution blocks reach (a calibrated false-positive
-  rate per block);
-- ``"pNN"``: blocks whose first-window density is at least the NN-th percentile of the densities of
-  all in-body blocks of the volume (always flags about 1 - NN/100 of them; not calibrated);
-- a number: a density in nats per working pixel;
-- ``"auto"`` (the default): ``fpr:0.01`` when a null model applies, else ``p95``.
+- ``"fwer:A"``: family-wise over the whole input volume: flag blocks whose z-score a healthy volume
+  of the same number of in-body blocks reaches in its maximum with probability ``A`` (so a healthy
+  volume gets any flag at all in a fraction ``A`` of cases); ``"fwer-slice:A"``: the same per slice;
+- ``"fdr:Q"``: Benjamini-Hochberg over the block p-values of the volume at false-discovery rate
+  ``Q``; ``"fdr-slice:Q"``: per slice;
+- ``"fpr:A"``: per block, blocks that a fraction ``A`` of healthy blocks reach (a healthy volume of
+  hundreds of blocks then almost always holds some flags);
+- ``"auto"`` (the default): :data:`AUTO_RULE`, ``fwer:0.05``: what a reviewer expects of a flag, that
+  a healthy scan gets none in at least 95% of cases.
+
+Without a null model there is no calibrated mask: ``auto`` writes no SEG (the summary and the console
+say so). Uncalibrated rules must be asked for by name: ``"pNN"`` (blocks at or above the NN-th
+percentile of the volume's in-body first-window densities: it flags about 1 - NN/100 of the blocks
+of any volume, healthy or not) or a number of nats per working pixel.
 """
 
 from __future__ import annotations
@@ -18,36 +25,46 @@ from typing import Any
 
 import numpy as np
 
+from klip_med.calibration.levels import benjamini_hochberg
 from klip_med.errors import expect
 
-AUTO_FPR = 0.01
-"""False-positive rate per block of ``--threshold auto`` when a null model applies."""
+AUTO_RULE = ("fwer", 0.05)
+"""``--threshold auto`` with a null model: family-wise 5% over the input volume."""
+CALIBRATED = ("fwer", "fwer-slice", "fdr", "fdr-slice", "fpr")
+"""Rules that need a null model."""
+_USAGE = ("'auto', 'fwer:A' / 'fwer-slice:A' (family-wise per volume / slice), 'fdr:Q' / 'fdr-slice:Q' "
+          "(Benjamini-Hochberg per volume / slice), 'fpr:A' (per block), with 0 < A, Q < 1 and a null model; "
+          "or uncalibrated 'pNN' (percentile of in-body block densities, 0-100) or a number of nats per pixel >= 0")
 
 
 def parse_threshold(text: str | float) -> tuple[str, float]:
-    """``"p95"`` -> ``("percentile", 95.0)``; ``"1.5"`` -> ``("nats_per_pixel", 1.5)``;
-    ``"fpr:0.01"`` -> ``("fpr", 0.01)``; ``"auto"`` -> ``("auto", nan)``."""
+    """``"fwer:0.05"`` -> ``("fwer", 0.05)``; ``"p95"`` -> ``("percentile", 95.0)``; ``"1.5"`` ->
+    ``("nats_per_pixel", 1.5)``; ``"auto"`` -> ``("auto", nan)``."""
     raw = str(text).strip()
+    kind, _, rest = raw.lower().partition(":")
     try:
         if raw.lower() == "auto":
             return "auto", math.nan
-        if raw.lower().startswith("fpr:"):
-            value = float(raw[4:])
+        if kind in CALIBRATED and rest:
+            value = float(rest)
             ok = 0.0 < value < 1.0
-            kind = "fpr"
         elif raw.lower().startswith("p"):
-            value = float(raw[1:])
+            kind, value = "percentile", float(raw[1:])
             ok = 0.0 <= value <= 100.0
-            kind = "percentile"
         else:
-            value = float(raw)
+            kind, value = "nats_per_pixel", float(raw)
             ok = math.isfinite(value) and value >= 0
-            kind = "nats_per_pixel"
     except ValueError:
         ok, kind, value = False, "", 0.0
-    expect(ok, "--threshold", "'auto', 'fpr:A' (false-positive rate per block, 0 < A < 1, needs a null model), "
-           "'pNN' (percentile of in-body block densities, 0-100) or a number of nats per pixel >= 0", repr(raw))
+    expect(ok, "--threshold", _USAGE, repr(raw))
     return kind, value
+
+
+def _by_slice(inside: np.ndarray, per_slice: bool) -> list[tuple[slice, int]]:
+    """The families: each slice, or the whole volume; with their in-body block counts."""
+    if per_slice:
+        return [(slice(k, k + 1), int(inside[k].sum())) for k in range(inside.shape[0])]
+    return [(slice(0, inside.shape[0]), int(inside.sum()))]
 
 
 def flag_blocks(result, spec: str | float, null=None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -57,30 +74,62 @@ def flag_blocks(result, spec: str | float, null=None) -> tuple[np.ndarray, dict[
         result: per-slice results with ``inside``, ``densities`` and ``zscores`` (Z, gh, gw) (a
             :class:`klip_med.io.outputs.VolumeResult`; ``zscores`` set when ``null`` is given).
         spec: threshold spec (:func:`parse_threshold`).
-        null: the :class:`~klip_med.score.null.NullModel` the z-scores came from, or None.
+        null: the :class:`~klip_med.calibration.NullModel` the z-scores came from, or None.
 
     Returns:
-        ``(flagged, info)``: bool ``(Z, gh, gw)`` (in-body blocks only) and the summary's
-        ``threshold`` record.
+        ``(flagged, info)``: bool ``(Z, gh, gw)`` (in-body blocks only; all False when no mask is
+        written) and the summary's ``threshold`` record (``kind`` ``"none"`` when there is no
+        calibrated mask to write).
     """
     kind, value = parse_threshold(spec)
+    info: dict[str, Any] = {"spec": str(spec)}
+    flagged = np.zeros(result.inside.shape, dtype=bool)
     if kind == "auto":
-        kind, value = ("fpr", AUTO_FPR) if null is not None else ("percentile", 95.0)
-    info: dict[str, Any] = {"spec": str(spec), "kind": kind, "value": value}
-    if kind == "fpr":
+        if null is None:
+            info.update({"kind": "none", "value": None, "blocks_flagged": 0,
+                         "rule": "no OOD mask: no null model applies, so no flag could be calibrated (fit one with "
+                                 "`klip-med calibrate`; an uncalibrated percentile mask is --threshold p95)"})
+            return flagged, info
+        kind, value = AUTO_RULE
+    info.update({"kind": kind, "value": value})
+    if kind in CALIBRATED:
         expect(null is not None and result.zscores is not None, "--threshold",
-               "a null model for 'fpr:A' (--null FILE from `klip-med calibrate`, or a shipped one for these settings)",
+               f"a null model for {kind!r} (--null FILE from `klip-med calibrate`, or a shipped one for these settings)",
                f"{spec!r} with no null model")
-        z_thr = null.z_threshold(value)
-        flagged = result.inside & (result.zscores >= z_thr)
-        info.update({"z_threshold": z_thr, "rule": f"OOD mask = in-body blocks whose null z-score >= {z_thr:.3f}, "
-                     f"reached by a fraction {value:g} of in-distribution blocks ({null.source})"})
+        z = np.where(result.inside, result.zscores, -np.inf)
+        if kind == "fpr":
+            z_thr = null.z_threshold(value)
+            flagged = z >= z_thr
+            info.update({"z_threshold": z_thr, "rule": f"per block: in-body blocks with z >= {z_thr:.3f}, reached by a "
+                         f"fraction {value:g} of healthy blocks ({null.source})"})
+        elif kind.startswith("fwer"):
+            thresholds = []
+            for where, n in _by_slice(result.inside, kind == "fwer-slice"):
+                if n:
+                    z_thr = null.family_threshold(value, n, volume=kind == "fwer")
+                    flagged[where] = z[where] >= z_thr
+                    thresholds.append(z_thr)
+            family = "slice" if kind == "fwer-slice" else "volume"
+            info.update({"z_threshold": thresholds[0] if len(thresholds) == 1 else thresholds,
+                         "rule": f"family-wise per {family}: in-body blocks with z at or above the level the largest "
+                                 f"z of a healthy {family} with as many in-body blocks reaches with probability "
+                                 f"{value:g} ({null.source})"})
+        else:  # fdr
+            p = np.where(result.inside, null.p_values(np.where(result.inside, result.zscores, 0.0)), 1.0)
+            for where, _ in _by_slice(result.inside, kind == "fdr-slice"):
+                inside = result.inside[where]
+                keep = np.zeros(inside.shape, dtype=bool)
+                keep[inside] = benjamini_hochberg(p[where][inside], value)
+                flagged[where] = keep
+            family = "slice" if kind == "fdr-slice" else "volume"
+            info.update({"rule": f"Benjamini-Hochberg per {family} at false-discovery rate {value:g} over the in-body "
+                                 f"blocks' p-values against healthy blocks ({null.source})"})
     else:
         thr = resolve_threshold(f"p{value}" if kind == "percentile" else value, result.densities, result.inside)
         flagged = result.inside & (result.densities >= thr)
-        info.update({"nats_per_pixel": thr, "rule": "OOD mask = in-body blocks whose first-window density >= "
-                     "threshold; 'pNN' = NN-th percentile of all in-body block densities of the volume (not "
-                     "calibrated: it flags about 1 - NN/100 of the blocks of any volume)"})
+        info.update({"nats_per_pixel": thr, "rule": "uncalibrated: in-body blocks whose first-window density >= "
+                     "threshold; 'pNN' = NN-th percentile of all in-body block densities of the volume (it flags "
+                     "about 1 - NN/100 of the blocks of any volume, healthy or not)"})
     info["blocks_flagged"] = int(flagged.sum())
     return flagged, info
 
@@ -93,4 +142,3 @@ def resolve_threshold(spec: str | float, densities: np.ndarray, inside: np.ndarr
         return value
     values = densities[inside] if bool(inside.any()) else densities.ravel()
     return float(np.percentile(values, value))
-

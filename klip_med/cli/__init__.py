@@ -4,8 +4,10 @@ Subcommands:
     demo     a bundled real case (brain MRI with a tumour, or abdominal CT with an inserted lesion)
              undersampled, reconstructed with a shipped prior, scored, written as PNG/NIfTI/DICOM
     run      the same for your own DICOM series / NIfTI / .npz volume (slice by slice, resumable)
+    batch    run over many volumes (a list or a data manifest), locally or on a Ray cluster
     verify   prove the KLIP estimator on this install against a closed-form Gaussian case
     train    train a diffusion prior on a data manifest (resumable)
+    train-baseline  train the companion model of the dlsr / diffguard baseline (CPU)
     priors   list the shipped priors and their model cards
     evaluate-prior   measure a prior on held-out healthy slices (numbers for its model card)
     calibrate  fit a null model on in-distribution data: KLIP z-scores, p-values, a calibrated SEG threshold
@@ -28,11 +30,13 @@ import sys
 import traceback
 
 from klip_med import __version__
-from klip_med.cli import bench, calibrate, demo, evaluate_prior, priors, run, train, verify
+from klip_med.cli import batch, bench, calibrate, demo, evaluate_prior, export_bundle, priors, run, train, verify
+from klip_med.cli import train_baseline
 from klip_med.cli import eval as eval_command
 from klip_med.errors import KLIPMedError
 
-COMMANDS = (demo, run, verify, train, evaluate_prior, priors, eval_command, calibrate, bench)
+COMMANDS = (demo, run, batch, verify, train, train_baseline, evaluate_prior, priors, eval_command, calibrate, bench,
+            export_bundle)
 """One module per command, in the order ``klip-med --help`` lists them; each has ``add_parser``."""
 
 

@@ -45,20 +45,22 @@ def run_command(args: argparse.Namespace) -> int:
     check_windows(prior, settings)
     if args.from_eval_run is not None:
         conditions = null_conditions(prior, args.physics, settings)
-        null = null_from_eval_run(args.from_eval_run, specs, settings.block_size, conditions, args.conditioning)
+        null = null_from_eval_run(args.from_eval_run, specs, settings.block_size, conditions, args.conditioning,
+                                  spread=args.spread)
     else:
         if args.manifest is not None:
             from klip_med.data.manifest import read_manifest
 
             manifest = read_manifest(args.manifest, args.data_root)
-            images, source, groups = manifest_null_images(manifest, args.split, prior, args.max_patients,
-                                                          args.max_slices, settings.seed)
+            images, source, groups, prints = manifest_null_images(manifest, args.split, prior, args.max_patients,
+                                                                  args.max_slices, settings.seed)
         else:
-            images, groups = prior_null_images(prior, args.prior_samples, seed=settings.seed), None
+            images, groups, prints = prior_null_images(prior, args.prior_samples, seed=settings.seed), None, ()
             source = f"{args.prior_samples} unconditional samples of the prior (DDIM eta=1, 100 steps, seed {settings.seed})"
         print(f"calibrating on {len(images)} in-distribution images: {source}")
         null = calibrate_images(prior, args.physics, settings, images, source, conditioning=args.conditioning,
-                                device=device, groups=groups)
+                                spread=args.spread,
+                                device=device, groups=groups, fingerprints=prints)
     null.extra["command_seconds"] = round(time.perf_counter() - started, 1)
     null.save(out)
     chosen = null.extra.get("selection", {}).get("heldout_loglik_nats_per_block_window")
@@ -74,7 +76,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``calibrate`` on the ``klip-med`` subparsers."""
-    from klip_med.calibration.families import AUTO_FAMILIES, CONDITIONING
+    from klip_med.calibration.families import AUTO_FAMILIES, CONDITIONING, SPREADS
 
     p = subparsers.add_parser(
         "calibrate",
@@ -103,6 +105,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_windows_flag(group, "windows to calibrate (default: the run's default windows, t:0.1,0.2 ... t:0.9,1); "
                             "the z-scores of several windows are combined")
     add_block_size_flag(group, None, f"block side in pixels (default {RUN_DEFAULTS['block_size']})")
+    group.add_argument("--spread", choices=SPREADS, default="predictive",
+                       help="per-position spread: predictive (the spread of a new healthy block, honest where a "
+                            "position is seldom inside the body; default) or legacy (the first round's, for comparison)")
     group.add_argument("--conditioning", choices=CONDITIONING, default="auto",
                        help="what a block is compared with: the same place in the ID images (position), ID blocks "
                             "at the same distance to the body edge (edge), holding as much anatomy (texture: "

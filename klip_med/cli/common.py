@@ -18,7 +18,7 @@ from pathlib import Path
 
 from klip_med.errors import KLIPMedError, expect
 
-RUN_DEFAULTS = {"samples": 4, "steps": 100, "sampler": "fast", "seed": 0, "block_size": 8,
+RUN_DEFAULTS = {"samples": 4, "steps": 50, "sampler": "fast", "seed": 0, "block_size": 8,
                 "normalization": "transition", "dps_zeta": 0.3, "dds_eta": 0.85, "dds_gamma": 1.0, "cg_iters": 5}
 """KLIPSettings' defaults, written out so ``--help`` needs no torch import (a test keeps them equal)."""
 NORMALIZATIONS = ("transition", "sde", "paper")
@@ -101,10 +101,14 @@ def add_sampler_parameter_flags(group, defaults: dict) -> None:
 def add_output_flags(group: argparse._ArgumentGroup) -> None:
     """``--threshold`` and ``--null`` (commands that write an output set)."""
     group.add_argument("--threshold", default="auto",
-                       help="OOD mask (SEG) threshold: 'fpr:A' = blocks whose null z-score only a fraction A of "
-                            "in-distribution blocks reach (needs a null model); 'pNN' = NN-th percentile of in-body "
-                            "block densities of the volume (uncalibrated); or nats per pixel. Default auto: "
-                            "fpr:0.01 with a null model, else p95")
+                       help="OOD mask (SEG) rule. With a null model: 'fwer:A' = no flag in a healthy volume with "
+                            "probability 1-A (family-wise over the input; 'fwer-slice:A' per slice), 'fdr:Q' = "
+                            "Benjamini-Hochberg at rate Q ('fdr-slice:Q'), 'fpr:A' = per block. Uncalibrated: 'pNN' "
+                            "(NN-th percentile of the volume's in-body blocks) or nats per pixel. Default auto: "
+                            "fwer:0.05 with a null model; without one no SEG is written")
+    group.add_argument("--allow-calibration-overlap", action="store_true",
+                       help="score an input although the null model was fitted on some of its slices (refused "
+                            "otherwise: its p-values would be too small there)")
     group.add_argument("--null", default="auto",
                        help="null model of the first window: a JSON file from `klip-med calibrate`, 'auto' (one "
                             "shipped with the prior for exactly these physics and settings, if any) or 'none' "
@@ -117,8 +121,9 @@ def settings_from_args(args: argparse.Namespace, defaults: dict):
 
     values = {k: v for k, v in defaults.items() if k in SETTING_FLAGS}
     values.update({k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None})
-    if getattr(args, "block_size", None) is not None:
-        values["block_size"] = args.block_size
+    block = getattr(args, "block_size", None)
+    if block is not None:
+        values["block_size"] = block[0] if isinstance(block, list) else block  # eval: several, the first leads
     elif "block_size" in defaults:
         values["block_size"] = defaults["block_size"]
     return KLIPSettings(**values)
@@ -163,9 +168,13 @@ def print_outputs(summary: dict, out: Path) -> None:
         if value is None:
             continue
         if isinstance(value, list):
-            more = f" (+{len(value) - 1} windows in {Path(value[1]).parent}/)" if len(value) > 1 else ""
+            what = "windows" if key == "klip_nifti" else "files"
+            more = f" (+{len(value) - 1} {what} in {Path(value[1]).parent}/)" if len(value) > 1 else ""
             value = f"{value[0]}{more}"
         print(f"  {key:<18} {value}")
     if "seg" in files and files["seg"] is None:
-        print("  seg                (not written: no block reached the threshold)")
+        rule = summary.get("threshold", {})
+        why = ("no null model applies, so no flag is calibrated (--threshold p95 for an uncalibrated mask)"
+               if rule.get("kind") == "none" else f"no block reached the threshold ({rule.get('kind')}:{rule.get('value')})")
+        print(f"  seg                (not written: {why})")
     print(one_line(summary))

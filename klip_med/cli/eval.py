@@ -7,17 +7,18 @@ import shlex
 import sys
 
 from klip_med.cli.common import (
+    RUN_DEFAULTS,
     Deprecated,
     add_block_size_flag,
     add_sampler_flags,
     add_windows_flag,
     settings_from_args,
 )
-from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS
+from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS, SHIFTS
 
-EVAL_DEFAULTS = {"samples": 4, "steps": 100, "sampler": "fast", "seed": 0, "block_size": 8,
-                 "normalization": "transition", "dps_zeta": 0.3, "dds_eta": 0.85, "dds_gamma": 1.0, "cg_iters": 5}
-"""``klip-med eval``'s sampler defaults."""
+EVAL_DEFAULTS = RUN_DEFAULTS
+"""``klip-med eval`` evaluates the map ``klip-med run`` makes: the same sampler defaults, the run's
+windows (:data:`klip_med.eval.names.DEFAULT_WINDOWS`) and the shipped null model (``--null auto``)."""
 
 
 def _ints(text: str) -> list[int]:
@@ -48,14 +49,16 @@ def run_command(args: argparse.Namespace) -> int:
     baselines = BaselineSettings(anoddpm_t=args.anoddpm_t, anoddpm_steps=args.anoddpm_steps,
                                  eigen_levels=args.eigen_levels, eigen_rank=args.eigen_rank,
                                  eigen_iterations=args.eigen_iterations, cfs_train_slices=args.cfs_train_slices,
+                                 diffguard_t=args.diffguard_t, diffguard_steps=args.diffguard_steps,
+                                 diffguard_scale=args.diffguard_scale, monai_timesteps=args.monai_timesteps,
                                  skip=tuple(args.skip))
     results = run_benchmark(
         args.manifest, args.data_root, args.prior, args.physics, args.split, settings, args.max_patients,
-        args.max_slices, args.out, windows=args.windows or list(DEFAULT_WINDOWS), baselines=baselines, lesions=args.lesions,
+        args.max_slices, args.out, windows=args.windows, baselines=baselines, lesions=args.lesions,
         device=args.device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
         pixel_spacing_mm=args.pixel_spacing_mm, command="klip-med " + shlex.join(sys.argv[1:]),
         null=args.null, null_windows=args.null_windows, null_conditioning=args.null_conditioning,
-        ct_lesions=args.ct_lesions,
+        ct_lesions=args.ct_lesions, allow_calibration_overlap=args.allow_calibration_overlap, shift=args.shift,
     )
     from klip_med.eval.results import markdown_table
 
@@ -74,7 +77,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "For held-out slices of a manifest (ID: lesion-free, OOD: with a lesion, matched per patient), "
             "simulate measurements, sample the posterior once per slice, and score KLIP (several windows, "
             "ours and the paper's normalisation) and baselines (posterior std, residual, AnoDDPM, EigenScore, "
-            "UNet-feature density fitted on ID training slices, brightness, its deviation, centrality) on the "
+            "UNet-feature density fitted on ID training slices, DLSR, DiffGuard, MONAI likelihood, brightness, its "
+            "deviation, centrality) on the "
             "same blocks: dataset-level and localisation AUROC / AUPRC with per-patient bootstrap intervals, NFE and seconds per image. Resumable: "
             "slices are cached in OUT/slices."
         ),
@@ -86,7 +90,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("dev", "test"), default="dev",
                    help="dev to choose settings; test for final numbers only (default dev)")
     group = add_sampler_flags(p, EVAL_DEFAULTS, outputs=False, progress=False)
-    add_windows_flag(group, f"KLIP windows, all filled in one pass (default {' '.join(DEFAULT_WINDOWS)})")
+    add_windows_flag(group, f"KLIP windows, all filled in one pass (default: those of `klip-med run`, "
+                            f"{' '.join(DEFAULT_WINDOWS)}; full with --sampler dps instead of t:0.1,1)")
     add_block_size_flag(group, [EVAL_DEFAULTS["block_size"]], "block side in pixels, or several comma-separated "
                         "(e.g. 4,8,16; the first -> results.*; default 8)", type_=_ints)
     group.add_argument("--block-sizes", dest="block_size", type=_ints, action=Deprecated, new="--block-size",
@@ -99,6 +104,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ct-lesions", choices=("soft-tissue", "body"), default="soft-tissue",
                    help="inserted CT lesion design: soft-tissue (hypodense -80..-40 HU, wholly in liver/kidney/"
                         "spleen/muscle; default) or body (the first design: +-10..60 HU anywhere in the body)")
+    p.add_argument("--shift", choices=SHIFTS,
+                   help="with --lesions inserted: one shift kind inserted into lesion-free held-out slices as matched "
+                        "twins: bright (FLAIR hyperintense / CT +40..80 HU), hypo (FLAIR CSF-like cavity / CT -80..-40 "
+                        "HU), texture (same mean, other texture), star (the KLIP paper's star), metal (CT only); "
+                        "recorded in results.json; one kind per --out")
     p.add_argument("--pixel-spacing-mm", type=float, help="for inserted lesions when files carry no spacing")
     p.add_argument("--skip", nargs="*", default=[], choices=BASELINES, metavar="BASELINE",
                    help=f"baselines not to compute ({', '.join(BASELINES)})")
@@ -110,11 +120,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eigen-iterations", type=int, default=3, help="EigenScore subspace iterations (default 3)")
     p.add_argument("--cfs-train-slices", type=int, default=64,
                    help="ID training slices the cfs feature density is fitted on (default 64)")
+    p.add_argument("--diffguard-t", type=float, default=0.4,
+                   help="DiffGuard: re-noising time t/(T-1) of the guided re-generation (default 0.4)")
+    p.add_argument("--diffguard-steps", type=int, default=10, help="DiffGuard: guided DDIM steps back (default 10)")
+    p.add_argument("--diffguard-scale", type=float, default=2.0,
+                   help="DiffGuard: classifier-guidance scale, 0 = unguided (default 2)")
+    p.add_argument("--monai-timesteps", type=int, default=25,
+                   help="MONAI likelihood: timesteps evenly spaced over [1, T-1] (default 25)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--metrics-only", action="store_true", help="no sampling: summarise the cached slices")
-    p.add_argument("--null", help="add the null-calibrated row klip_z[...]: a null model file from `klip-med "
-                   "calibrate` (e.g. fitted on the dev split, for test numbers) or 'lopo' (each patient scored "
-                   "against the lesion-free slices of the other patients of this run)")
+    p.add_argument("--null", default="auto",
+                   help="the null-calibrated row klip_z[...] (the default map of `klip-med run`): 'auto' (the model "
+                        "shipped with the prior for these settings, as run; default), a null model file from "
+                        "`klip-med calibrate` (e.g. fitted on the dev split, for test numbers), 'lopo' (each patient "
+                        "scored against the lesion-free slices of the other patients of this run) or 'none'")
+    p.add_argument("--allow-calibration-overlap", action="store_true",
+                   help="score slices that the null model was fitted on (refused otherwise) and report their rates "
+                        "apart from the fresh ones")
     p.add_argument("--null-windows", nargs="+", help="windows the klip_z row combines (default: the model's; "
                    "for lopo t:0.1,0.2 ... t:0.9,1 when all are among --windows, else the first)")
     p.add_argument("--null-conditioning", choices=CONDITIONING, default="auto",

@@ -30,6 +30,25 @@ Selection rule (deterministic, documented in every results.json):
      the tissue leaves.
    - ``"body"`` (the first design; kept to reproduce its numbers): contrast of either sign,
      10-60 HU, anywhere in the body, bone included.
+6. Shift kinds (``shift``, with ``lesions="inserted"``; one kind per run, never mixed with real
+   lesions). The hosts are the eligible slices with an empty lesion mask (when the manifest has
+   masks), ``ceil(max_slices / 2)`` per patient evenly spaced, each with its twin keyed
+   ``file[i]+<shift>`` (the healthy twin ``file[i]`` is shared by every kind):
+
+   - ``"bright"``: FLAIR hyperintense lesion (:func:`~klip_med.data.lesions.insert_flair_lesion`);
+     CT hyperdense (+40 to +80 HU, :data:`~klip_med.data.lesions.CT_HYPERDENSE_RANGE_HU`) in soft tissue.
+   - ``"hypo"``: FLAIR CSF-like cavity (:func:`~klip_med.data.lesions.insert_flair_cavity`, a resection
+     cavity); CT hypodense in soft tissue (the ``soft-tissue`` design of rule 5).
+   - ``"texture"``: iso-intense texture change (:func:`~klip_med.data.lesions.insert_texture`: zero mean
+     change over the mask, std 8-15 % of the range / 25-50 HU), in the head / in soft tissue.
+   - ``"star"``: the KLIP paper's star artefact (:func:`~klip_med.data.lesions.insert_star`), bright or
+     dark at random (15-40 % of the range / 100-300 HU), 10-40 mm, in the head / body.
+   - ``"metal"`` (CT only): a dense elliptical object (:func:`~klip_med.data.lesions.insert_metal`,
+     2000-3000 HU, 3-10 mm but at least 2 pixels) in the body. In the prior's HU window it
+     saturates; the streaks of a real implant are not simulated.
+
+   Round kinds keep ``min_lesion_pixels``; a star and a metal object take their size range as is
+   (their masks may be smaller).
 
 The bootstrap unit is the manifest item's ``labels.patient`` (the item's file when absent); when a
 split holds a single patient (L067), each item (a block of slices) is its own unit.
@@ -43,12 +62,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from klip_med.data.identity import manifest_key, slice_sha256
 from klip_med.data.manifest import Manifest, ManifestItem
 from klip_med.data.masks import body_fraction
 from klip_med.errors import KLIPMedError
 
 LESION_MODES = ("auto", "real", "inserted")
 CT_LESION_DESIGNS = ("soft-tissue", "body")
+SHIFT_KINDS = ("bright", "hypo", "texture", "star", "metal")
+"""Inserted shift kinds (rule 6)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +139,8 @@ def _spacing(data, item: ManifestItem, pixel_spacing_mm: float | None) -> tuple[
 def select_slices(manifest: Manifest, split: str, prior, max_patients: int | None = None,
                   max_slices_per_patient: int = 10, lesions: str = "auto", seed: int = 0,
                   min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
-                  pixel_spacing_mm: float | None = None, ct_lesions: str = "soft-tissue") -> list[EvalSlice]:
+                  pixel_spacing_mm: float | None = None, ct_lesions: str = "soft-tissue",
+                  shift: str | None = None) -> list[EvalSlice]:
     """The benchmark's slices by the rule in the module docstring.
 
     Args:
@@ -129,6 +152,8 @@ def select_slices(manifest: Manifest, split: str, prior, max_patients: int | Non
         min_lesion_pixels: at 128 x 128; scaled with the image area.
         pixel_spacing_mm: spacing for inserted lesions when the files do not record one.
         ct_lesions: the inserted CT lesion design, ``soft-tissue`` or ``body`` (rule 5).
+        shift: an inserted shift kind of :data:`SHIFT_KINDS` (rule 6; needs ``lesions="inserted"``),
+            or None (rules 3-5).
     """
     if split not in ("dev", "test"):
         raise KLIPMedError(f"split: expected 'dev' or 'test' (held-out patients), found {split!r}")
@@ -141,6 +166,14 @@ def select_slices(manifest: Manifest, split: str, prior, max_patients: int | Non
     if max_patients is not None and (not isinstance(max_patients, int) or max_patients < 1):
         raise KLIPMedError(f"max_patients: expected a positive integer or None, found {max_patients!r}")
     mode = ("real" if manifest.mask_key else "inserted") if lesions == "auto" else lesions
+    if shift is not None:
+        if shift not in SHIFT_KINDS:
+            raise KLIPMedError(f"shift: expected one of {list(SHIFT_KINDS)}, found {shift!r}")
+        if mode != "inserted":
+            raise KLIPMedError(f"shift: expected lesions='inserted' (a shift kind is inserted into healthy slices), "
+                               f"found lesions={lesions!r}")
+        if shift == "metal" and manifest.modality != "CT":
+            raise KLIPMedError(f"shift: 'metal' expected a CT manifest, found modality {manifest.modality!r}")
     if mode == "real" and not manifest.mask_key:
         raise KLIPMedError(f"{manifest.source}: lesions='real': expected a manifest with a mask_key, found none "
                            "(use lesions='inserted')")
@@ -158,7 +191,8 @@ def select_slices(manifest: Manifest, split: str, prior, max_patients: int | Non
             if manifest.array_key not in data:
                 raise KLIPMedError(f"{item.path}: expected an array {manifest.array_key!r}, found {sorted(data)}")
             volume = data[manifest.array_key].astype(np.float32)
-            masks = data[manifest.mask_key].astype(bool) if mode == "real" else None
+            with_masks = mode == "real" or (shift is not None and manifest.mask_key)
+            masks = data[manifest.mask_key].astype(bool) if with_masks else None
             spacing = _spacing(data, item, pixel_spacing_mm) if mode == "inserted" else None
         if tuple(volume.shape[-2:]) != grid:
             raise KLIPMedError(f"{item.relative}: expected slices of {grid} (the prior's grid), found {volume.shape[-2:]}")
@@ -168,10 +202,18 @@ def select_slices(manifest: Manifest, split: str, prior, max_patients: int | Non
         body = {i: body_fraction(model[i]) for i in indices}
         eligible = [i for i in indices if body[i] >= min_body_fraction]
         if mode == "real":
-            chosen += _real(item, unit, model, masks, eligible, body, per_half, min_px)
+            picked = _real(item, unit, model, masks, eligible, body, per_half, min_px)
+        elif shift is not None:
+            hosts = [i for i in eligible if masks is None or not masks[i].any()]
+            picked = _shifted(item, unit, volume, model, scale, hosts, body, per_half, min_px, spacing,
+                              manifest.modality, prior, seed, shift)
         else:
-            chosen += _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px,
-                                spacing, manifest.modality, prior, seed, ct_lesions)
+            picked = _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px,
+                               spacing, manifest.modality, prior, seed, ct_lesions)
+        for s in picked:  # the source slice's identity (an inserted twin shares its slice's)
+            s.info["source"] = {"key": manifest_key(manifest.name, item.relative, s.info["slice"]),
+                                "sha256": slice_sha256(volume[s.info["slice"]])}
+        chosen += picked
     if not chosen:
         raise KLIPMedError(f"{manifest.source}: split {split!r}: expected eligible slices (body fraction >= "
                            f"{min_body_fraction}), found none")
@@ -259,4 +301,29 @@ def _inserted(item, unit, volume, model, scale, eligible, body, per_half, min_px
                              "centre": [round(float(c), 2) for c in ins.lesion.centre]}}
         out.append(healthy)
         out.append(EvalSlice(key + "+lesion", unit, 1, lesioned.astype(np.float32), ins.mask.astype(bool), key, info))
+    return out
+
+
+def _shifted(item, unit, volume, model, scale, hosts, body, per_half, min_px, spacing, modality, prior, seed,
+             shift) -> list[EvalSlice]:
+    """Rule 6: matched pairs of a healthy host slice and its twin with one inserted ``shift``."""
+    from klip_med.data.shifts import insert_shift
+
+    rule = prior.config.intensity
+    out = []
+    for k in _evenly(len(hosts), per_half):
+        i = hosts[k]
+        key = f"{item.relative}[{i}]"
+        rng = np.random.default_rng(slice_seed(seed, f"{key}+{shift}"))
+        ins = insert_shift(volume[i], spacing, rng, modality, shift, min_px,
+                           intensity_range=(0.0, float(max(volume.max(), 1e-6))))
+        lesioned = rule.to_model(ins.image, scale)
+        params = {n: round(float(v), 4) for n, v in ins.lesion.params.items()}
+        info = {"file": item.relative, "slice": int(i), "body_fraction": round(body[i], 4),
+                "lesion_pixels": int(ins.mask.sum()), "matched_to": key,
+                "inserted": {"kind": ins.lesion.kind, "shift": shift, "diameter_mm": round(ins.lesion.diameter_mm, 3),
+                             "contrast": round(float(ins.lesion.contrast), 4),
+                             "centre": [round(float(c), 2) for c in ins.lesion.centre], "params": params}}
+        out.append(_slice(item, unit, 0, model[i], np.zeros_like(ins.mask), i, body[i]))
+        out.append(EvalSlice(f"{key}+{shift}", unit, 1, lesioned.astype(np.float32), ins.mask.astype(bool), key, info))
     return out

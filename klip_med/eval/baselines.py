@@ -1,4 +1,4 @@
-"""Baseline anomaly maps computed from the same posterior sampling run as KLIP.
+"""Baseline anomaly maps for one reconstructed slice, from its posterior sampling run.
 
 Every baseline returns a per-pixel map (H, W) on the prior's grid where higher means "more
 anomalous"; the runner pools it into blocks exactly like the KLIP map, so all methods are scored
@@ -21,17 +21,31 @@ eigenscore         diagonal of the rank-k posterior covariance of the denoiser, 
 cfs                squared Mahalanobis distance of the prior's UNet features of     1 (+ n_train
                    x_mean at a low noise level under a Gaussian fitted on ID         once per run)
                    training slices (:mod:`klip_med.eval.features`; uses ID data)
+dlsr               error of the prior's UNet features of x_mean after noising and   1 (+ the small
+                   one-step reconstruction by a feature-space diffusion model       MLP, 3 times)
+                   trained on ID features (:mod:`klip_med.eval.dlsr`; uses ID data)
+diffguard          classifier-feature mismatch between x_mean and its re-generation ``steps`` (+ as
+                   guided towards the anatomical level a noise-aware classifier      many classifier
+                   predicts for it (:mod:`klip_med.eval.diffguard`; uses ID data;    backward passes)
+                   image score: KL of the two level distributions)
+monai_likelihood   MONAI ``get_likelihood``'s per-timestep KL terms of x_mean,      ``monai_timesteps``
+                   averaged over evenly spaced timesteps (:mod:`~.prior_maps`)
 brightness         the measurement-domain reconstruction (zero-filled / FBP)        0
 brightness_dev     ``|baseline - median(baseline inside the body)|``                0
 centrality         minus the distance of the block centre to the image centre       0
                    (block-level only, see :func:`centrality_blocks`)
 ================== ================================================================ ===============
+
+The baselines of :data:`~klip_med.eval.names.POST_HOC` read only the posterior mean, rounded to
+float16 as the benchmark's slice cache stores it, and each draws from its own generator (seeded from
+one draw of the generator passed in): one added to a cached slice later equals the one computed with
+the sampling run, bit for bit.
 """
 
 from __future__ import annotations
 
-import math
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,9 +54,14 @@ import torch
 from torch import Tensor
 
 from klip_med.errors import KLIPMedError
-from klip_med.eval.names import BASELINES  # noqa: E402  (re-exported)
-from klip_med.sampling.schedule import VPSchedule
-from klip_med.score.windows import timestep_at
+from klip_med.eval.names import BASELINES, POST_HOC  # noqa: F401  (re-exported)
+from klip_med.eval.prior_maps import (  # noqa: F401  (re-exported: their home before prior_maps)
+    anoddpm_map,
+    as_image,
+    ddim_denoise,
+    eigenscore,
+    monai_likelihood_map,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,10 @@ class BaselineSettings:
             the perturbation).
         cfs_train_slices: ID training slices the ``cfs`` feature density is fitted on.
         cfs_t: normalised time t / (T - 1) of the ``cfs`` feature snapshot (a low noise level).
+        diffguard_t: normalised time the posterior mean is noised to before the guided re-generation.
+        diffguard_steps: guided DDIM steps back to t = 0.
+        diffguard_scale: classifier-guidance scale (0: the unguided prior).
+        monai_timesteps: training timesteps of the MONAI likelihood terms, evenly spaced over [1, T - 1].
         skip: baseline names not to compute (see :data:`BASELINES`).
     """
 
@@ -71,21 +94,28 @@ class BaselineSettings:
     eigen_fd: float = 0.01
     cfs_train_slices: int = 64
     cfs_t: float = 0.05
+    diffguard_t: float = 0.4
+    diffguard_steps: int = 10
+    diffguard_scale: float = 2.0
+    monai_timesteps: int = 25
     skip: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.anoddpm_t < 1.0:
-            raise KLIPMedError(f"anoddpm_t: expected a normalised time in (0, 1), found {self.anoddpm_t}")
-        for name in ("anoddpm_steps", "eigen_rank", "eigen_iterations", "cfs_train_slices"):
+        for name in ("anoddpm_t", "cfs_t", "diffguard_t"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise KLIPMedError(f"{name}: expected a normalised time in (0, 1), found {value}")
+        for name in ("anoddpm_steps", "eigen_rank", "eigen_iterations", "cfs_train_slices", "diffguard_steps",
+                     "monai_timesteps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise KLIPMedError(f"{name}: expected a positive integer, found {value!r}")
         if not self.eigen_levels or not all(0.0 < v < 1.0 for v in self.eigen_levels):
             raise KLIPMedError(f"eigen_levels: expected normalised times in (0, 1), found {self.eigen_levels}")
-        if not 0.0 < self.cfs_t < 1.0:
-            raise KLIPMedError(f"cfs_t: expected a normalised time in (0, 1), found {self.cfs_t}")
         if not 0.0 < self.eigen_fd < 1.0:
             raise KLIPMedError(f"eigen_fd: expected a fraction in (0, 1), found {self.eigen_fd}")
+        if not self.diffguard_scale >= 0.0:
+            raise KLIPMedError(f"diffguard_scale: expected a number >= 0, found {self.diffguard_scale}")
         unknown = sorted(set(self.skip) - set(BASELINES))
         if unknown:
             raise KLIPMedError(f"skip: expected names among {list(BASELINES)}, found {unknown}")
@@ -94,7 +124,19 @@ class BaselineSettings:
         return {"anoddpm_t": self.anoddpm_t, "anoddpm_steps": self.anoddpm_steps,
                 "eigen_levels": list(self.eigen_levels), "eigen_rank": self.eigen_rank,
                 "eigen_iterations": self.eigen_iterations, "eigen_fd": self.eigen_fd,
-                "cfs_train_slices": self.cfs_train_slices, "cfs_t": self.cfs_t, "skip": list(self.skip)}
+                "cfs_train_slices": self.cfs_train_slices, "cfs_t": self.cfs_t, "diffguard_t": self.diffguard_t,
+                "diffguard_steps": self.diffguard_steps, "diffguard_scale": self.diffguard_scale,
+                "monai_timesteps": self.monai_timesteps, "skip": list(self.skip)}
+
+    def settings_of(self, name: str) -> dict:
+        """The settings one baseline's map depends on (its part of the eval cache's fingerprint)."""
+        keys = {"anoddpm": ("anoddpm_t", "anoddpm_steps"),
+                "eigenscore": ("eigen_levels", "eigen_rank", "eigen_iterations", "eigen_fd"),
+                "cfs": ("cfs_train_slices", "cfs_t"), "dlsr": (),
+                "diffguard": ("diffguard_t", "diffguard_steps", "diffguard_scale"),
+                "monai_likelihood": ("monai_timesteps",)}.get(name, ())
+        described = self.describe()
+        return {k: described[k] for k in keys}
 
 
 @dataclass
@@ -105,7 +147,7 @@ class MethodMap:
         pixel_map: (H, W) float32, higher = more anomalous; None for block-only / image-only methods.
         nfe: extra network forward passes on one image this method needed beyond the sampling run.
         seconds: wall time of that extra work.
-        native_score: an image-level score the method defines itself (EigenScore), else None.
+        native_score: an image-level score the method defines itself (EigenScore, DiffGuard), else None.
         info: JSON-ready details (eigenvalues, timesteps, ...).
     """
 
@@ -114,17 +156,6 @@ class MethodMap:
     seconds: float = 0.0
     native_score: float | None = None
     info: dict = field(default_factory=dict)
-
-
-def _image(x: Tensor, name: str) -> Tensor:
-    """(H, W), (1, H, W) or (1, 1, H, W) -> (1, 1, H, W) float32."""
-    if x.ndim == 2:
-        x = x[None, None]
-    elif x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 1:
-        raise KLIPMedError(f"{name}: expected one single-channel image (H, W), found shape {tuple(x.shape)}")
-    return x.to(torch.float32)
 
 
 def _np(x: Tensor) -> np.ndarray:
@@ -142,7 +173,7 @@ def residual_map(physics, x_mean: Tensor, y: Tensor) -> Tensor:
         x_mean: (H, W) posterior mean, prior units, on the physics' device.
         y: (1, *measurement) the measurement.
     """
-    x = _image(x_mean, "x_mean").to(y.device)
+    x = as_image(x_mean, "x_mean").to(y.device)
     with torch.no_grad():
         back = physics.A_adjoint(physics.A(x) - y)
     return back.abs().reshape(x.shape[-2:])
@@ -175,139 +206,80 @@ def centrality_blocks(shape: Sequence[int], block_size: int) -> np.ndarray:
     return -np.sqrt(rows**2 + cols**2)
 
 
-# ---------------------------------------------------------------- maps that call the prior again
+# ---------------------------------------------------------------- maps from the posterior mean alone
 
 
-def _timestep(frac: float, schedule: VPSchedule) -> int:
-    return int(round(timestep_at(frac, schedule.num_train_timesteps)))
+def as_cached(x_mean: Tensor) -> Tensor:
+    """The posterior mean as the eval cache holds it: rounded to float16, back to float32."""
+    return x_mean.detach().to(torch.float16).to(torch.float32)
 
 
-def _eps(prior, x: Tensor, t: int) -> Tensor:
-    with torch.no_grad():
-        return prior.eps(x, torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device))
+def baseline_generator(base: int, name: str, device: torch.device) -> torch.Generator:
+    """The generator of one post-hoc baseline, from the slice's base seed and the baseline's name."""
+    return torch.Generator(device=device).manual_seed((int(base) + zlib.crc32(name.encode())) % (2**62))
 
 
-def ddim_denoise(prior, x_t: Tensor, t_start: int, steps: int,
-                 clip: tuple[float, float] | None = (-1.0, 1.0)) -> tuple[Tensor, list[int]]:
-    """Deterministic DDIM (eta = 0) from training timestep ``t_start`` to the clean end.
-
-    Args:
-        x_t: (B, C, H, W) noisy images at ``t_start``.
-        steps: network calls (timesteps evenly spaced from ``t_start`` to 0; 1 = Tweedie's estimate).
-        clip: range the denoised estimate is clipped to at every step (None: no clipping).
-
-    Returns:
-        the final denoised estimate (B, C, H, W) and the timesteps used.
-    """
-    schedule = VPSchedule(prior.alphas_cumprod)
-    ts = sorted({int(round(v)) for v in np.linspace(t_start, 0, max(steps, 1))}, reverse=True)
-    x = x_t
-    x0 = x_t
-    for k, t in enumerate(ts):
-        a = schedule.alpha_bar(t)
-        eps = _eps(prior, x, t)
-        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        if clip is not None:
-            x0 = x0.clamp(*clip)
-        if k + 1 < len(ts):
-            a_next = schedule.alpha_bar(ts[k + 1])
-            x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
-    return x0, ts
-
-
-def anoddpm_map(prior, x_mean: Tensor, generator: torch.Generator, t_frac: float = 0.25,
-                steps: int = 5) -> tuple[Tensor, int, list[int]]:
-    """AnoDDPM-style reconstruction error of the posterior mean, (H, W).
-
-    ``x_t = sqrt(a_t) x_mean + sqrt(1 - a_t) z`` at ``t = round(t_frac (T - 1))``, denoised by the
-    prior alone (:func:`ddim_denoise`), error ``|x_mean - x_hat|``. Gaussian noise, one draw.
-
-    Returns:
-        (map, network forwards, timesteps used).
-    """
-    schedule = VPSchedule(prior.alphas_cumprod)
-    t = _timestep(t_frac, schedule)
-    x = _image(x_mean, "x_mean").to(_device(prior))
-    a = schedule.alpha_bar(t)
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    x_hat, ts = ddim_denoise(prior, math.sqrt(a) * x + math.sqrt(1 - a) * z, t, steps)
-    return (x - x_hat).abs().reshape(x.shape[-2:]), len(ts), ts
-
-
-def eigenscore(prior, x_mean: Tensor, generator: torch.Generator, levels: Sequence[float] = (0.1, 0.25, 0.5),
-               rank: int = 4, iterations: int = 3, fd: float = 0.01) -> tuple[Tensor, float, int, dict]:
-    """Leading eigenpairs of the denoiser's posterior covariance around the posterior mean.
-
-    In the variance-exploding view ``u = x_t / sqrt(a_t) = x0 + sigma z``, Tweedie gives
-    ``Cov[x0 | u] = sigma^2 dD/du`` with ``D(u)`` the denoised estimate. Its leading eigenpairs
-    come from subspace iteration on products ``Cov v ~ sigma^2 (D(u + h v) - D(u)) / h``
-    (forward passes only; ``h`` makes the perturbation's per-pixel RMS ``fd * sigma``), the last
-    iteration a Rayleigh-Ritz step on the symmetrised projected matrix. Eigenvalues are reported
-    relative to ``sigma^2`` (in [0, 1] for an exact denoiser, comparable across levels).
+def post_hoc_baselines(prior, x_mean: Tensor, generator: torch.Generator, settings: BaselineSettings,
+                       names: Sequence[str], feature_density=None, dlsr=None, diffguard=None) -> dict[str, MethodMap]:
+    """The baselines of :data:`POST_HOC` named in ``names`` for one reconstruction.
 
     Args:
-        x_mean: (H, W) the reconstruction, prior units.
-        levels: normalised times t / (T - 1) of the noise levels.
-        rank, iterations, fd: see :class:`BaselineSettings`.
-
-    Returns:
-        ``(map, score, nfe, info)``: map (H, W) = mean over levels of
-        ``sum_j max(lambda_j, 0) / sigma^2 * v_j(i)^2``; score = mean over levels of the top
-        ``lambda_1 / sigma^2``; nfe = forward passes on one image; info = eigenvalues per level.
+        x_mean: (H, W) posterior mean in prior units (used as given: the runner passes the cached
+            float16 copy, see :func:`as_cached`).
+        generator: one draw of it seeds every baseline's own generator (:func:`baseline_generator`),
+            so a baseline's numbers do not depend on which others are computed.
+        feature_density, dlsr, diffguard: the fitted / trained models of ``cfs``, ``dlsr``
+            (:class:`~klip_med.eval.dlsr.DLSR`) and ``diffguard`` (a level classifier).
     """
-    schedule = VPSchedule(prior.alphas_cumprod)
-    x = _image(x_mean, "x_mean").to(_device(prior))
-    shape = x.shape[1:]
-    n = x.numel()
-    if rank > n:
-        raise KLIPMedError(f"eigen_rank: expected at most the number of pixels {n}, found {rank}")
-    total = torch.zeros(shape[-2:], dtype=torch.float32, device=x.device)
-    tops, per_level, nfe = [], [], 0
-    for frac in levels:
-        t = _timestep(frac, schedule)
-        a = schedule.alpha_bar(t)
-        sigma = math.sqrt((1 - a) / a)
-        u = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    unknown = [n for n in names if n not in POST_HOC]
+    if unknown:
+        raise KLIPMedError(f"names: expected post-hoc baselines among {list(POST_HOC)}, found {unknown}")
+    needs = {"cfs": (feature_density, "a fitted FeatureDensity (klip_med.eval.features.fit_feature_density)"),
+             "dlsr": (dlsr, "a trained DLSR model (klip-med train-baseline --kind dlsr)"),
+             "diffguard": (diffguard, "a trained level classifier (klip-med train-baseline --kind diffguard)")}
+    for name, (model, what) in needs.items():
+        if name in names and model is None:
+            arg = "feature_density" if name == "cfs" else name
+            raise KLIPMedError(f"{arg}: expected {what} for the {name} baseline, found None (or skip '{name}')")
+    device = generator.device
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    out: dict[str, MethodMap] = {}
+    for name in [b for b in POST_HOC if b in names]:
+        gen = baseline_generator(base, name, device)
+        start = time.perf_counter()
+        if name == "anoddpm":
+            m, nfe, ts = anoddpm_map(prior, x_mean, gen, settings.anoddpm_t, settings.anoddpm_steps)
+            out[name] = MethodMap(_np(m), nfe=nfe, info={"timesteps": ts})
+        elif name == "eigenscore":
+            m, score, nfe, info = eigenscore(prior, x_mean, gen, settings.eigen_levels, settings.eigen_rank,
+                                             settings.eigen_iterations, settings.eigen_fd)
+            out[name] = MethodMap(_np(m), nfe=nfe, native_score=score, info=info)
+        elif name == "cfs":
+            m = feature_density.score_map(prior, x_mean, gen)
+            out[name] = MethodMap(_np(m), nfe=1, info={"fit_slices": feature_density.n_slices,
+                                                       "fit_locations": feature_density.n_locations})
+        elif name == "dlsr":
+            m, info = dlsr.score_map(prior, x_mean, gen)
+            out[name] = MethodMap(_np(m), nfe=1, info=info)
+        elif name == "diffguard":
+            from klip_med.eval.diffguard import diffguard_map
 
-        def denoise(batch: Tensor, t=t, a=a, sigma=sigma) -> Tensor:
-            return batch - sigma * _eps(prior, math.sqrt(a) * batch, t)
-
-        d0 = denoise(u)
-        nfe += 1
-        start = torch.randn((n, rank), generator=generator, device=x.device, dtype=torch.float32)
-        v = torch.linalg.qr(start).Q
-        h = fd * sigma * math.sqrt(n)
-        evals = torch.zeros(rank, device=x.device)
-        for it in range(iterations):
-            probes = u + h * v.T.reshape(rank, *shape)
-            cov_v = (sigma**2) * ((denoise(probes) - d0) / h).reshape(rank, n).T  # (n, rank)
-            nfe += rank
-            if it + 1 < iterations:
-                v = torch.linalg.qr(cov_v).Q
-                continue
-            small = v.T @ cov_v
-            evals, rot = torch.linalg.eigh(0.5 * (small + small.T))
-            order = torch.argsort(evals, descending=True)
-            evals, v = evals[order], v @ rot[:, order]
-        rel = (evals / sigma**2).clamp_min(0.0)
-        total += (v.square() * rel).sum(dim=1).reshape(shape[-2:])
-        tops.append(float(rel[0]))
-        per_level.append({"t": t, "sigma": round(sigma, 5), "eigenvalues_over_sigma2": [float(e) for e in evals / sigma**2]})
-    return total / len(levels), float(np.mean(tops)), nfe, {"levels": per_level}
-
-
-def _device(prior) -> torch.device:
-    dev = getattr(prior, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    return prior.alphas_cumprod.device if isinstance(prior.alphas_cumprod, Tensor) else torch.device("cpu")
+            m, nfe, info = diffguard_map(prior, diffguard, x_mean, gen, settings.diffguard_t, settings.diffguard_steps,
+                                         settings.diffguard_scale)
+            out[name] = MethodMap(_np(m), nfe=nfe, native_score=info["level_kl"], info=info)
+        else:
+            m, nfe, info = monai_likelihood_map(prior, x_mean, gen, settings.monai_timesteps)
+            out[name] = MethodMap(_np(m), nfe=nfe, info=info)
+        out[name].seconds = round(time.perf_counter() - start, 4)
+    return out
 
 
 # ---------------------------------------------------------------- all of them for one slice
 
 
 def compute_baselines(prior, physics, y: Tensor, result, generator: torch.Generator,
-                      settings: BaselineSettings | None = None, feature_density=None) -> dict[str, MethodMap]:
+                      settings: BaselineSettings | None = None, feature_density=None, *, dlsr=None,
+                      diffguard=None) -> dict[str, MethodMap]:
     """Every baseline of :data:`BASELINES` (minus ``settings.skip``) for one reconstructed slice.
 
     Args:
@@ -315,37 +287,29 @@ def compute_baselines(prior, physics, y: Tensor, result, generator: torch.Genera
         physics, y: the operator and the measurement (1, *measurement).
         result: the :class:`klip_med.pipeline.SliceResult` of the run (baseline, recon_mean,
             recon_std, body_mask; all (H, W) on CPU).
-        generator: randomness of AnoDDPM's re-noising, EigenScore's probes and the cfs snapshot
-            (on the prior's device).
-        feature_density: the fitted :class:`~klip_med.eval.features.FeatureDensity` (needed
-            unless ``cfs`` is skipped).
+        generator: seeds the post-hoc baselines' generators (on the prior's device; see
+            :func:`post_hoc_baselines`).
+        feature_density, dlsr, diffguard: the models of ``cfs``, ``dlsr`` and ``diffguard`` (each
+            needed unless skipped).
 
     Returns:
-        name -> :class:`MethodMap`; ``centrality`` has no pixel map (it is defined on blocks).
+        name -> :class:`MethodMap`, in table order; ``centrality`` has no pixel map (it is defined on blocks).
     """
     settings = settings or BaselineSettings()
-    out: dict[str, MethodMap] = {}
     want = [b for b in BASELINES if b not in settings.skip]
-    if "cfs" in want and feature_density is None:
-        raise KLIPMedError("feature_density: expected a fitted FeatureDensity for the cfs baseline, found None "
-                           "(fit one with klip_med.eval.features.fit_feature_density, or skip 'cfs')")
+    late = [b for b in want if b in POST_HOC]
+    mean = as_cached(result.recon_mean)
+    post = post_hoc_baselines(prior, mean, generator, settings, late, feature_density, dlsr, diffguard) if late else {}
+    out: dict[str, MethodMap] = {}
     for name in want:
         start = time.perf_counter()
+        if name in post:
+            out[name] = post[name]
+            continue
         if name == "posterior_std":
             out[name] = MethodMap(_np(result.recon_std), info={"samples": int(result.metadata["settings"]["samples"])})
         elif name == "residual":
             out[name] = MethodMap(_np(residual_map(physics, result.recon_mean, y)))
-        elif name == "anoddpm":
-            m, nfe, ts = anoddpm_map(prior, result.recon_mean, generator, settings.anoddpm_t, settings.anoddpm_steps)
-            out[name] = MethodMap(_np(m), nfe=nfe, info={"timesteps": ts})
-        elif name == "eigenscore":
-            m, score, nfe, info = eigenscore(prior, result.recon_mean, generator, settings.eigen_levels,
-                                             settings.eigen_rank, settings.eigen_iterations, settings.eigen_fd)
-            out[name] = MethodMap(_np(m), nfe=nfe, native_score=score, info=info)
-        elif name == "cfs":
-            m = feature_density.score_map(prior, result.recon_mean, generator)
-            out[name] = MethodMap(_np(m), nfe=1, info={"fit_slices": feature_density.n_slices,
-                                                       "fit_locations": feature_density.n_locations})
         elif name == "brightness":
             out[name] = MethodMap(_np(result.baseline))
         elif name == "brightness_dev":

@@ -95,3 +95,14 @@ def cached_fingerprint(path: Path) -> str | None:
             return json.loads(str(data["meta"])).get("fingerprint")
     except (OSError, KeyError, ValueError):
         return None
+
+def with_current_body_mask(entry: CachedSlice) -> CachedSlice:
+    """``entry`` with its body mask recomputed from its cached posterior mean by today's
+    :func:`klip_med.data.masks.body_mask` (cached maps stay valid when the mask rule improves; the
+    mask comes from the float16 copy, so fresh and cached slices get the same one)."""
+    from dataclasses import replace
+
+    from klip_med.data.masks import body_mask
+
+    mean = np.asarray(entry.images[2], dtype=np.float16).astype(np.float32)
+    return replace(entry, body_mask=np.asarray(body_mask(mean), dtype=bool))

@@ -11,6 +11,12 @@
   statistic undefined (one class only) are skipped and counted. A fixed ``numpy`` Generator seed
   makes the intervals reproducible; the same seed gives the same patient draws for every method,
   so paired differences between methods are meaningful.
+- Too few units for an interval: with fewer than :data:`MIN_INTERVAL_UNITS` patients no interval
+  is given (``*_ci`` is ``[None, None]``, ``interval`` says why) and the statistic of each patient is
+  reported instead (``per_patient``). With n patients a percentile bootstrap has at most
+  C(2n - 1, n) distinct resamples (3 patients: 10; 4: 35; 5: 126) and its 2.5 / 97.5 percentiles
+  fall on resamples made of one or two patients: a 2-3 patient run printed intervals such as
+  [0.000, 0.550] that describe the resampling, not the method.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from klip_med.errors import KLIPMedError
+
+MIN_INTERVAL_UNITS = 5
+"""Fewest bootstrap units (patients) for which an interval is reported (see the module docstring)."""
 
 
 def _as_arrays(scores, labels, name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
@@ -208,14 +217,34 @@ def fast_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def dataset_level(scores, labels, patients, n_boot: int = 1000, seed: int = 0) -> dict:
+def interval_rule(patients, min_units: int = MIN_INTERVAL_UNITS) -> str | None:
+    """None when ``patients`` hold enough units for a bootstrap interval, else the reason there is none."""
+    n = int(np.unique(np.asarray([str(p) for p in patients])).size)
+    return None if n >= min_units else f"none: {n} patients (< {min_units}); per-patient values instead"
+
+
+def per_unit(statistic: Callable[[np.ndarray], float], patients) -> dict[str, float | None]:
+    """``statistic`` on each patient's own records (None where it is undefined), in sorted patient order."""
+    ids = np.asarray([str(p) for p in patients])
+    out = {}
+    for unit in sorted(set(ids.tolist())):
+        value = statistic(np.flatnonzero(ids == unit))
+        out[unit] = None if value is None or not math.isfinite(value) else round(float(value), 6)
+    return out
+
+
+def dataset_level(scores, labels, patients, n_boot: int = 1000, seed: int = 0,
+                  min_units: int = MIN_INTERVAL_UNITS) -> dict:
     """Dataset-level AUROC / AUPRC of image scores with per-patient bootstrap intervals.
 
     Args:
         scores: (N,) image scores. labels: (N,) 1 = OOD. patients: (N,) bootstrap unit per image.
+        min_units: fewer patients: no interval, per-patient AUROC / AUPRC instead.
 
     Returns:
-        ``{"auroc", "auroc_ci", "auprc", "auprc_ci", "n_id", "n_ood", "n_patients", "bootstrap_valid"}``;
+        ``{"auroc", "auroc_ci", "auprc", "auprc_ci", "n_id", "n_ood", "n_patients", "bootstrap_valid",
+        "interval"}`` (``interval``: None, or why there is none) and, with too few patients,
+        ``"per_patient": {patient: {"auroc", "auprc"}}`` (None where a patient has one class only);
         the point estimates are None when only one class is present.
     """
     s, y = _as_arrays(scores, labels)
@@ -223,22 +252,34 @@ def dataset_level(scores, labels, patients, n_boot: int = 1000, seed: int = 0) -
     out = {"n_id": int(y.size - n_ood), "n_ood": n_ood, "n_patients": int(np.unique(np.asarray(patients)).size)}
     if not has_both_classes(y):
         return {**out, "auroc": None, "auroc_ci": [None, None], "auprc": None, "auprc_ci": [None, None],
-                "bootstrap_valid": 0}
+                "bootstrap_valid": 0, "interval": "none: one class only"}
+    point = {"auroc": auroc(s, y), "auprc": auprc(s, y)}
+    reason = interval_rule(patients, min_units)
+    if reason is not None:
+        roc = per_unit(lambda i: fast_auroc(s[i], y[i]), patients)
+        pr = per_unit(lambda i: fast_average_precision(s[i], y[i]), patients)
+        return {**out, "auroc": point["auroc"], "auroc_ci": [None, None], "auprc": point["auprc"],
+                "auprc_ci": [None, None], "bootstrap_valid": 0, "interval": reason,
+                "per_patient": {u: {"auroc": roc[u], "auprc": pr[u]} for u in roc}}
     roc = patient_bootstrap(lambda i: fast_auroc(s[i], y[i]), patients, n_boot, seed)
     pr = patient_bootstrap(lambda i: fast_average_precision(s[i], y[i]), patients, n_boot, seed)
-    return {**out, "auroc": auroc(s, y), "auroc_ci": roc.as_list(), "auprc": auprc(s, y),
-            "auprc_ci": pr.as_list(), "bootstrap_valid": roc.n_valid}
+    return {**out, "auroc": point["auroc"], "auroc_ci": roc.as_list(), "auprc": point["auprc"],
+            "auprc_ci": pr.as_list(), "bootstrap_valid": roc.n_valid, "interval": None}
 
 
-def localisation_level(per_image: Sequence[Localisation], patients, n_boot: int = 1000, seed: int = 0) -> dict:
+def localisation_level(per_image: Sequence[Localisation], patients, n_boot: int = 1000, seed: int = 0,
+                       min_units: int = MIN_INTERVAL_UNITS) -> dict:
     """Mean over OOD images of the per-image localisation AUROC / AUPRC, with bootstrap intervals.
 
     Args:
         per_image: one :class:`Localisation` per OOD image. patients: the bootstrap unit of each.
+        min_units: fewer patients (among the images with a defined AUROC): no interval, the mean of
+            each patient's images instead.
 
     Returns:
-        ``{"auroc", "auroc_ci", "auprc", "auprc_ci", "n_images", "n_skipped"}`` (``n_skipped``:
-        images without a defined AUROC, e.g. a lesion covering every inside block).
+        ``{"auroc", "auroc_ci", "auprc", "auprc_ci", "n_images", "n_skipped", "interval"}``
+        (``n_skipped``: images without a defined AUROC, e.g. a lesion covering every inside block)
+        and, with too few patients, ``"per_patient": {patient: {"auroc", "auprc", "n_images"}}``.
     """
     if len(per_image) != len(patients):
         raise KLIPMedError(f"patients: expected one per image ({len(per_image)}), found {len(patients)}")
@@ -249,15 +290,22 @@ def localisation_level(per_image: Sequence[Localisation], patients, n_boot: int 
     roc = np.array([per_image[i].auroc for i in keep])
     pr = np.array([per_image[i].auprc for i in keep])
     units = [str(patients[i]) for i in keep]
+    reason = interval_rule(units, min_units)
+    if reason is not None:
+        r, p = per_unit(lambda i: float(roc[i].mean()), units), per_unit(lambda i: float(pr[i].mean()), units)
+        return {**out, "auroc": float(roc.mean()), "auroc_ci": [None, None], "auprc": float(pr.mean()),
+                "auprc_ci": [None, None], "interval": reason,
+                "per_patient": {u: {"auroc": r[u], "auprc": p[u], "n_images": units.count(u)} for u in r}}
     roc_ci = patient_bootstrap(lambda i: float(roc[i].mean()), units, n_boot, seed)
     pr_ci = patient_bootstrap(lambda i: float(pr[i].mean()), units, n_boot, seed)
     return {**out, "auroc": float(roc.mean()), "auroc_ci": roc_ci.as_list(), "auprc": float(pr.mean()),
-            "auprc_ci": pr_ci.as_list()}
+            "auprc_ci": pr_ci.as_list(), "interval": None}
 
 
-def paired_difference(a, b, patients, n_boot: int = 1000, seed: int = 0) -> dict:
+def paired_difference(a, b, patients, n_boot: int = 1000, seed: int = 0, min_units: int = MIN_INTERVAL_UNITS) -> dict:
     """Mean of per-record differences ``a - b`` (e.g. two methods' per-image localisation AUROC)
-    with a per-patient bootstrap interval; records where either is None / NaN are dropped."""
+    with a per-patient bootstrap interval; records where either is None / NaN are dropped. With
+    fewer than ``min_units`` patients: no interval, each patient's mean difference (``per_patient``)."""
     a = np.asarray([math.nan if v is None else v for v in a], dtype=np.float64)
     b = np.asarray([math.nan if v is None else v for v in b], dtype=np.float64)
     if a.shape != b.shape or a.size != len(patients):
@@ -267,8 +315,12 @@ def paired_difference(a, b, patients, n_boot: int = 1000, seed: int = 0) -> dict
         return {"mean": None, "ci": [None, None], "n": 0}
     d = (a - b)[keep]
     units = [str(p) for p, k in zip(patients, keep, strict=True) if k]
+    reason = interval_rule(units, min_units)
+    if reason is not None:
+        return {"mean": float(d.mean()), "ci": [None, None], "n": int(d.size), "interval": reason,
+                "per_patient": per_unit(lambda i: float(d[i].mean()), units)}
     ci = patient_bootstrap(lambda i: float(d[i].mean()), units, n_boot, seed)
-    return {"mean": float(d.mean()), "ci": ci.as_list(), "n": int(d.size)}
+    return {"mean": float(d.mean()), "ci": ci.as_list(), "n": int(d.size), "interval": None}
 
 
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,20 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _per_patient(values, sign: str = "") -> str:
+    """`` (per patient 0.812 / n/a / 0.640)``: the values that replace an interval when there are
+    too few patients for one (:data:`klip_med.eval.metrics.MIN_INTERVAL_UNITS`)."""
+    shown = ["n/a" if v is None else f"{v:{sign}.3f}" for v in values]
+    return f" (per patient {' / '.join(shown)})" if shown else ""
+
+
 def _with_ci(entry: Mapping, key: str) -> str:
     value, ci = entry.get(key), entry.get(f"{key}_ci", [None, None])
     if value is None:
         return "n/a"
     if ci[0] is None:
-        return _fmt(value)
+        per = entry.get("per_patient")
+        return _fmt(value) + (_per_patient([p.get(key) for p in per.values()]) if per else "")
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
@@ -30,7 +38,10 @@ def _delta(entry: Mapping | None) -> str:
     if not entry or entry.get("mean") is None:
         return "n/a"
     ci = entry["ci"]
-    return f"{entry['mean']:+.3f}" + ("" if ci[0] is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+    if ci[0] is None:
+        per = entry.get("per_patient")
+        return f"{entry['mean']:+.3f}" + (_per_patient(list(per.values()), "+") if per else "")
+    return f"{entry['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def markdown_table(results: Mapping) -> str:
@@ -42,7 +53,7 @@ def markdown_table(results: Mapping) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         loc = m.get("localisation") or {}
-        row = [name, _with_ci(m["dataset"], "auroc"), _fmt(m["dataset"].get("auprc")),
+        row = [f"**{name}** (default)" if m.get("default") else name, _with_ci(m["dataset"], "auroc"), _fmt(m["dataset"].get("auprc")),
                _with_ci(loc, "auroc") if loc else "n/a", _fmt(loc.get("auprc")) if loc else "n/a"]
         row += [_delta(m.get("vs", {}).get(r, {}).get("localisation_auroc")) if r != name else "-" for r in refs]
         row += [str(m["cost"]["nfe_per_image"]), _fmt(m["cost"]["seconds_per_image"], 2)]
@@ -65,6 +76,32 @@ def dataset_difference_table(results: Mapping) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
 
 
+def _rate(entry: Mapping) -> str:
+    ci = entry.get("ci", [None, None])
+    interval = "" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    nominal = "no nominal rate" if entry.get("nominal") is None else f"nominal {entry['nominal']:g}"
+    return f"{entry['observed']:.3f}{interval} ({nominal})"
+
+
+def calibration_lines(cal: Mapping | None) -> list[str]:
+    """The null model's observed rates on the run's lesion-free images, per block, slice and volume."""
+    if not cal or not cal.get("n_images"):
+        return []
+    lines = [f"- null model: {cal['null']}; on this run's {cal['n_images']} lesion-free images of "
+             f"{cal['n_patients']} patients ({cal['n_blocks']} in-body blocks), observed rates with per-patient "
+             "intervals:",
+             "  - false-positive rate per block: " + "; ".join(f"fpr:{a}: {_rate(r)}" for a, r in cal["rates"].items()),
+             "  - healthy slices flagged: " + "; ".join(f"{k}: {_rate(r)}" for k, r in cal["slice"].items()),
+             "  - healthy patients flagged (their lesion-free slices as one volume): "
+             + "; ".join(f"{k}: {_rate(r)}" for k, r in cal["volume"].items())]
+    if "overlapping" in cal:
+        o = cal["overlapping"]
+        lines.append(f"  - {o['n_images']} further images are calibration images of the model (reported apart, not "
+                     "a measure of calibration): per block "
+                     + "; ".join(f"fpr:{a}: {_rate(r)}" for a, r in o["rates"].items()))
+    return lines
+
+
 def markdown_report(results: Mapping) -> str:
     """A short markdown page: what was run, on what, and the table."""
     b, c = results["benchmark"], results["counts"]
@@ -79,21 +116,37 @@ def markdown_report(results: Mapping) -> str:
         f"- sampling run: {results['sampling']['nfe_per_image']} network forwards and "
         f"{results['sampling']['seconds_per_image']:.2f} s per image (shared by every KLIP row, "
         "posterior_std, residual; anoddpm / eigenscore / cfs add their own; brightness rows need none)",
-        f"- intervals: per-patient bootstrap, {b['n_boot']} resamples, seed {b['seed']}",
+        _interval_line(results),
     ]
     if b.get("command"):
         text.append(f"- command: `{b['command']}`")
-    cal = results.get("null_calibration")
-    if cal and cal.get("n_images"):
-        rates = ", ".join(f"nominal {a}: observed {r['observed']:.4f} (z >= {r['z_threshold']:.2f})"
-                          for a, r in cal["rates"].items())
-        text.append(f"- null model `{cal['null']}` on this run's {cal['n_images']} lesion-free images "
-                    f"({cal['n_blocks']} in-body blocks), false-positive rate per block: {rates}")
+    if results.get("default_method"):
+        text.append(f"- default map (what `klip-med run` writes): `{results['default_method']}`")
+    text += calibration_lines(results.get("null_calibration"))
+    skipped = {n: m["localisation"]["n_skipped"] for n, m in results["methods"].items()
+               if (m.get("localisation") or {}).get("n_skipped")}
+    if skipped:
+        counts = sorted(set(skipped.values()))
+        text.append(f"- localisation skipped {', '.join(map(str, counts))} of {c['ood']} OOD images (no block inside "
+                    "the body overlaps the lesion, or every inside block does): "
+                    + ", ".join(f"`{n}`" for n in list(skipped)[:4]) + (" ..." if len(skipped) > 4 else ""))
     text += ["", markdown_table(results), ""]
     differences = dataset_difference_table(results)
     if differences:
         text += ["Dataset level, paired differences (same images, per-patient bootstrap):", "", differences, ""]
     return "\n".join(text)
+
+
+def _interval_line(results: Mapping) -> str:
+    """How the table's intervals were made, or why there are none (too few patients)."""
+    from klip_med.eval.metrics import MIN_INTERVAL_UNITS
+
+    b, n = results["benchmark"], results["counts"]["patients"]
+    if n < MIN_INTERVAL_UNITS:
+        return (f"- intervals: **none** ({n} patients, fewer than {MIN_INTERVAL_UNITS}: a bootstrap over so few "
+                "patients describes the resampling, not the method); each patient's value is given in parentheses "
+                "instead (patients in sorted order)")
+    return f"- intervals: per-patient bootstrap, {b['n_boot']} resamples, seed {b['seed']}"
 
 
 def write_results(results: Mapping, out_dir: Path, stem: str = "results") -> tuple[Path, Path]:

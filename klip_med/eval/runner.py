@@ -5,7 +5,7 @@ per-slice cache -> metrics, ``results.json``, ``results.md``, ROC figures.
     from klip_med.pipeline import KLIPSettings
 
     results = run_benchmark("data_manifests/lgg_flair_128.json", "../shared/data", "mri-brain-flair-128",
-                            "mri:accel=4,center=0.08,noise=0.01", "dev", KLIPSettings(samples=4, steps=100),
+                            "mri:accel=4,center=0.08,noise=0.01", "dev", KLIPSettings(samples=4, steps=50),
                             max_patients=None, max_slices_per_patient=10, out_dir="runs/eval-dev-4x")
 
 Per slice (see :mod:`klip_med.data.selection` for which slices): the measurement is simulated
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from klip_med import pipeline
-from klip_med.calibration.null_model import NullModel
 from klip_med.data.manifest import Manifest, read_manifest
 from klip_med.data.selection import EvalSlice, select_slices, slice_seed
 from klip_med.errors import KLIPMedError
@@ -36,13 +35,14 @@ from klip_med.eval.baselines import BaselineSettings, compute_baselines
 from klip_med.eval.cache import (
     CachedSlice,
     cached_fingerprint,
-    fingerprint,
     read_slice,
     slice_path,
+    with_current_body_mask,
     write_slice,
 )
-from klip_med.eval.names import DEFAULT_WINDOWS  # noqa: E402  (re-exported)
-from klip_med.eval.nulls import add_null_maps, observed_false_positive_rates
+from klip_med.eval.null_rates import calibration_rates
+from klip_med.eval.nulls import add_null_maps, method_name, null_models, plan_null
+from klip_med.eval.posthoc import PostHoc
 from klip_med.eval.results import roc_figure, write_results
 from klip_med.eval.summary import REFERENCES, summarise
 from klip_med.pipeline import KLIPSettings, parse_window
@@ -117,14 +117,15 @@ def process_slice(prior, physics_spec: str, item: EvalSlice, settings: KLIPSetti
 
 def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None, prior, physics_spec: str,
                   split: str, settings: KLIPSettings, max_patients: int | None, max_slices_per_patient: int,
-                  out_dir: str | Path, *, windows: Sequence[str] = DEFAULT_WINDOWS,
+                  out_dir: str | Path, *, windows: Sequence[str] | None = None,
                   baselines: BaselineSettings | None = None, lesions: str = "auto",
                   device: str | torch.device = "cpu", block_sizes: Sequence[int] | None = None,
                   n_boot: int = 1000, min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
                   pixel_spacing_mm: float | None = None, metrics_only: bool = False, command: str | None = None,
                   log: Callable[[str], None] | None = print, null: str | Path | None = None,
                   null_windows: Sequence[str] | None = None, null_conditioning: str = "auto",
-                  ct_lesions: str = "soft-tissue") -> dict:
+                  ct_lesions: str = "soft-tissue", allow_calibration_overlap: bool = False,
+                  prior_reference: str | Path | None = None, shift: str | None = None) -> dict:
     """Run (or resume) a benchmark and write its results.
 
     Args:
@@ -137,7 +138,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
             replaced by ``windows``).
         max_patients, max_slices_per_patient: see :func:`klip_med.data.selection.select_slices`.
         out_dir: results folder; per-slice cache in ``out_dir/slices``.
-        windows: window specs (``full``, ``t:a,b``, ``sigma:a,b``), all filled in one pass.
+        windows: window specs (``full``, ``t:a,b``, ``sigma:a,b``), all filled in one pass (default:
+            those of ``klip-med run``, :func:`klip_med.pipeline.default_windows`).
         baselines: settings of the baselines that call the prior again, and which to skip
             (default :class:`BaselineSettings`).
         lesions: ``auto`` / ``real`` / ``inserted``.
@@ -147,15 +149,23 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         metrics_only: compute nothing new; summarise the cached slices of this selection.
         command: the command line, recorded in the outputs.
         log: progress lines (None: silent).
-        null: adds the null-calibrated row ``klip_z[...]`` (:mod:`klip_med.eval.nulls`): a null
-            model file from ``klip-med calibrate`` or ``"lopo"`` (leave one patient out over this
-            run's lesion-free slices, refitted for every block size); None: no such row. A model
-            file gives the row for its own block size only.
-        null_windows: the windows it combines (default: the model file's; for ``lopo``
+        null: adds the null-calibrated row ``klip_z[...]`` (:mod:`klip_med.eval.nulls`): ``"auto"``
+            (the model shipped with the prior for these settings, as ``klip-med run``), a null model
+            file from ``klip-med calibrate``, or ``"lopo"`` (leave one patient out over this run's
+            lesion-free slices, refitted for every block size); None: no such row. A model gives
+            the row for its own block size only. Conditions and the overlap with this run's slices
+            are checked before any sampling.
+        null_windows: the windows it combines (default: the model's; for ``lopo``
             :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
-        null_conditioning: for ``"lopo"``, one of :data:`klip_med.score.null.CONDITIONING`.
+        null_conditioning: for ``"lopo"``, one of :data:`klip_med.calibration.CONDITIONING`.
+        allow_calibration_overlap: score slices that are calibration images of the model, and
+            report the rates of those and of the fresh ones apart (refused otherwise).
+        prior_reference: the name / folder the prior came from (where ``auto`` looks for models;
+            default ``prior`` when it is a name or folder, else its config name).
         ct_lesions: inserted CT lesion design, ``soft-tissue`` or ``body``
             (:mod:`klip_med.data.selection`, rule 5).
+        shift: with ``lesions="inserted"``, the inserted shift kind (:data:`klip_med.eval.names.SHIFTS`,
+            :mod:`klip_med.data.selection` rule 6); recorded in ``results.json``. One kind per run.
 
     Returns:
         the results dict of the first block size (as written to ``results.json``).
@@ -169,21 +179,27 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     if isinstance(prior, (str, Path)):
         from klip_med.priors import load
 
+        prior_reference = prior_reference or prior
         prior = load(prior, device=device)
-    win = _windows(windows, prior, settings.steps)
+    prior_reference = prior_reference or prior.config.name
+    specs = list(windows) if windows else [w.label for w in pipeline.default_windows(prior, settings)]
+    win = _windows(specs, prior, settings.steps)
     settings = replace(settings, windows=win)
     slices = select_slices(manifest, split, prior, max_patients, max_slices_per_patient, lesions, settings.seed,
-                           min_body_fraction, min_lesion_pixels, pixel_spacing_mm, ct_lesions)
+                           min_body_fraction, min_lesion_pixels, pixel_spacing_mm, ct_lesions, shift)
+    plan = plan_null(null, null_windows, specs, prior_reference, prior, physics_spec, settings, slices,
+                     allow_calibration_overlap)
+    if plan is not None and plan.overlapping:
+        say(f"{len(plan.overlapping)} slices are calibration images of the null model: scored, reported apart")
     mode = ("real" if manifest.mask_key else "inserted") if lesions == "auto" else lesions
-    if mode == "inserted" and manifest.modality == "CT":
+    if mode == "inserted" and shift is not None:
+        mode = f"inserted ({shift})"
+    elif mode == "inserted" and manifest.modality == "CT":
         mode = f"inserted ({ct_lesions})"
     prior_id = prior_identity(prior)
-    parts = {"physics": physics_spec, "settings": settings.describe(), "baselines": baselines.describe(),
-             "prior": prior_id["weights_sha256"], "version": 1}
-    wants_cfs = "cfs" not in baselines.skip
-    if wants_cfs:  # the cfs density depends on the training slices too
-        parts["train_files"] = sorted({item.sha256 for item in manifest.split("train")})
-    density = None
+    sampling = {k: v for k, v in settings.describe().items() if k not in ("top_k", "block_size")}  # post hoc
+    post = PostHoc(manifest, prior, prior_reference, physics_spec, sampling, prior_id["weights_sha256"], baselines,
+                   device, settings.seed, min_body_fraction, say)  # sampling fingerprint; post-hoc baselines apart
     folder = out / "slices"
     folder.mkdir(parents=True, exist_ok=True)
     entries: list[CachedSlice] = []
@@ -191,47 +207,55 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     start = time.perf_counter()
     for n, item in enumerate(slices):
         path = slice_path(folder, item.key)
-        stamp = fingerprint({**parts, "key": item.key, "seed_key": item.seed_key}, (item.image, item.lesion))
-        if cached_fingerprint(path) == stamp:
-            entries.append(read_slice(path))
+        stamp = post.stamp(item)
+        if post.accepts(cached_fingerprint(path), item, stamp):
+            t0 = time.perf_counter()
+            stored, cached, added = post.complete(read_slice(path), stamp, compute=not metrics_only)
+            if added:  # baselines added from the cached posterior mean: the sampling run is kept
+                write_slice(path, stored)
+                say(f"[{n + 1}/{len(slices)}] {item.key}: added {', '.join(added)} from the cached posterior mean "
+                    f"({time.perf_counter() - t0:.1f} s)")
+            entries.append(replace(cached, meta={**cached.meta, "info": item.info}))  # today's selection info
             continue
         if metrics_only:
             skipped += 1
             continue
-        if wants_cfs and density is None:
-            density = _fit_cfs(manifest, prior, baselines, settings.seed, device, min_body_fraction, say)
         t0 = time.perf_counter()
-        maps, meta, body, images = process_slice(prior, physics_spec, item, settings, baselines, device, density)
+        maps, meta, body, images = process_slice(prior, physics_spec, item, settings, post.in_run, device)
         meta.update({"fingerprint": stamp, "info": item.info})
         entry = CachedSlice(item.key, item.patient, item.label, maps, item.lesion, body, images, meta)
-        write_slice(path, entry)
+        stored, entry, _ = post.complete(entry, stamp)
+        write_slice(path, stored)
         entries.append(entry)
         computed += 1
         say(f"[{n + 1}/{len(slices)}] {item.key} ({'OOD' if item.label else 'ID'}): "
-            f"{time.perf_counter() - t0:.1f} s")
+            f"{time.perf_counter() - t0:.1f} s")  # printed with flush (a log file shows progress)
     say(f"{computed} slices computed, {len(entries) - computed} from cache, {skipped} missing "
         f"({time.perf_counter() - start:.1f} s)")
     if not entries:
         raise KLIPMedError(f"{folder}: expected cached slices for --metrics-only, found none")
+    entries = [with_current_body_mask(e) for e in entries]
     sizes = list(block_sizes or [settings.block_size])
-    null_rows = _null_rows(null, null_windows, null_conditioning, windows, prior, prior_id, physics_spec, settings,
-                           sizes)
     first = None
     for k, size in enumerate(sizes):
         scored, calibration = entries, None
-        if null_rows is not None and null_rows["block_size"] in (size, None):
+        if plan is not None and plan.block_size in (size, None):
             try:
-                scored = add_null_maps(entries, null_rows["model"], null_rows["windows"], size, null_conditioning,
-                                       null_rows["conditions"])
+                models, blocks = null_models(entries, plan.model, plan.windows, size, null_conditioning)
+                scored = add_null_maps(entries, models, blocks, plan.windows, size)
+                calibration = _calibration(entries, models, blocks, plan, n_boot, settings.seed)
             except KLIPMedError as exc:
                 if k == 0:
                     raise
                 say(f"no klip_z row at {size}x{size} blocks: {exc}")  # a further block size, e.g. too coarse
-            if isinstance(null_rows["model"], NullModel):
-                calibration = observed_false_positive_rates(entries, null_rows["model"], null_rows["windows"], size)
-                calibration["null"] = str(null)
         results, curves = _results(scored, manifest, split, prior_id, physics_spec, settings, baselines, mode,
                                    device, size, n_boot, computed, skipped, command)
+        results["benchmark"]["shift"] = shift  # the inserted shift kind (None: real lesions / the default design)
+        default = method_name(plan.windows) if plan is not None and method_name(plan.windows) in results["methods"] \
+            else f"klip[{specs[0]}]"
+        if default in results["methods"]:
+            results["methods"][default]["default"] = True
+            results["default_method"] = default
         if calibration is not None:
             results["null_calibration"] = calibration
         stem = "results" if k == 0 else f"results_b{size}"
@@ -245,40 +269,19 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     return first
 
 
-def _null_rows(null, null_windows, conditioning, windows, prior, prior_id, physics_spec, settings, sizes):
-    """What :func:`add_null_maps` needs for ``run_benchmark``'s ``null`` argument (None: no row)."""
-    if null is None:
-        return None
-    from klip_med.calibration.conditions import null_conditions
-    from klip_med.calibration.null_model import NullModel
-    from klip_med.pipeline.settings import CALIBRATED_WINDOWS
-
-    if str(null) == "lopo":
-        chosen = list(null_windows or (CALIBRATED_WINDOWS if set(CALIBRATED_WINDOWS) <= set(windows) else windows[:1]))
-        return {"model": "lopo", "windows": chosen, "block_size": None, "conditions": None}  # every block size
-    model = NullModel.load(null)
-    chosen = list(null_windows or [w["name"] for w in model.conditions.get("windows", [])])
-    missing = [w for w in chosen if w not in windows]
-    if missing:
-        raise KLIPMedError(f"--null {null}: expected its windows {chosen} among --windows {list(windows)}, "
-                           f"missing {missing}")
-    wins = [next(w for w in settings.windows if w.label == label) for label in chosen]
-    conditions = null_conditions(prior, physics_spec, settings, wins, prior_id["weights_sha256"])
-    return {"model": model, "windows": chosen, "block_size": int(model.conditions["block_size"]),
-            "conditions": conditions}
-
-
-def _fit_cfs(manifest, prior, baselines: BaselineSettings, seed: int, device: torch.device,
-             min_body_fraction: float, say: Callable[[str], None]):
-    from klip_med.eval.features import fit_feature_density, training_slices
-
-    t0 = time.perf_counter()
-    images = training_slices(manifest, prior, baselines.cfs_train_slices, min_body_fraction)
-    density = fit_feature_density(prior, images, torch.Generator(device=device).manual_seed(seed + 7),
-                                  baselines.cfs_t)
-    say(f"cfs: fitted the ID feature density on {density.n_slices} training slices "
-        f"({density.n_locations} locations, {density.mean.numel()} features) in {time.perf_counter() - t0:.1f} s")
-    return density
+def _calibration(entries, models, blocks, plan, n_boot: int, seed: int) -> dict:
+    """``results.json["null_calibration"]``: the observed rates of the run's lesion-free images
+    (:func:`klip_med.eval.null_rates.calibration_rates`); calibration images of the model, when
+    allowed, apart under ``overlapping``."""
+    ids = [e for e in entries if e.label == 0]
+    fresh = [e for e in ids if e.key not in plan.overlapping]
+    out = {"null": plan.description, "windows": list(plan.windows),
+           **calibration_rates(fresh, models, blocks, n_boot, seed)}
+    overlapping = [e for e in ids if e.key in plan.overlapping]
+    if overlapping:
+        out["overlapping"] = {"note": "calibration images of the model itself: not a measure of its calibration",
+                              **calibration_rates(overlapping, models, blocks, n_boot, seed)}
+    return out
 
 
 def _results(entries, manifest, split, prior_id, physics_spec, settings, baselines, mode, device, block_size,

@@ -5,7 +5,8 @@ i.e. density per pixel; :func:`klip_med.score.pool_blocks`), the blocks inside t
 (at least half their pixels in the mask derived from the posterior mean, the same for every
 method) are kept, the image score is the mean of the top-``k`` inside blocks. ``centrality`` is
 defined on blocks directly; ``eigenscore_lambda1`` is EigenScore's own image score (the mean top
-eigenvalue over noise levels), dataset-level only.
+eigenvalue over noise levels) and ``diffguard_level_kl`` DiffGuard's (the KL between the level
+distributions of the reconstruction and its guided re-generation), dataset-level only.
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ from klip_med.eval.metrics import (
     dataset_level,
     fast_auroc,
     has_both_classes,
+    interval_rule,
     lesion_blocks,
     localisation,
     localisation_level,
     paired_difference,
     patient_bootstrap,
+    per_unit,
 )
+from klip_med.eval.names import BASELINES
 from klip_med.score.blocks import BlockScores, blocks_inside_mask, image_score, pool_blocks
 
 REFERENCES = ("posterior_std", "brightness")
 """Methods every other method is compared with (paired per-patient bootstrap differences)."""
+NATIVE = {"eigenscore_lambda1": "eigenscore", "diffguard_level_kl": "diffguard"}
+"""Image-level rows -> the baseline whose own image score (``native_score``) they report."""
 
 
 def _inside(body_mask: np.ndarray, block_size: int) -> np.ndarray:
@@ -52,11 +58,14 @@ def method_names(entries: Sequence[CachedSlice]) -> list[str]:
     if not entries:
         raise KLIPMedError("entries: expected at least one cached slice, found none")
     common = [n for n in entries[0].maps if all(n in e.maps for e in entries)]
-    names = [n for n in common if n.startswith("klip")] + [n for n in common if not n.startswith("klip")]
+    order = {name: k for k, name in enumerate(BASELINES)}  # baselines in table order, whenever each was computed
+    others = sorted((n for n in common if not n.startswith("klip")), key=lambda n: order.get(n, len(order)))
+    names = [n for n in common if n.startswith("klip")] + others
     if all("centrality" in e.meta.get("costs", {}) for e in entries):
         names.append("centrality")
-    if all(e.meta.get("costs", {}).get("eigenscore", {}).get("native_score") is not None for e in entries):
-        names.append("eigenscore_lambda1")
+    for row, base in NATIVE.items():
+        if all(e.meta.get("costs", {}).get(base, {}).get("native_score") is not None for e in entries):
+            names.append(row)
     return names
 
 
@@ -64,7 +73,7 @@ def block_maps(entry: CachedSlice, name: str, block_size: int) -> np.ndarray | N
     """(gh, gw) block means of one method on one slice (None for image-only methods)."""
     if name == "centrality":
         return centrality_blocks(entry.lesion.shape, block_size)
-    if name == "eigenscore_lambda1":
+    if name in NATIVE:
         return None
     return pool_blocks(torch.from_numpy(np.asarray(entry.maps[name], dtype=np.float32)), block_size).densities.numpy()
 
@@ -72,7 +81,7 @@ def block_maps(entry: CachedSlice, name: str, block_size: int) -> np.ndarray | N
 def _cost(entries: Sequence[CachedSlice], name: str) -> dict:
     sampling_nfe = [e.meta["sampling"]["nfe_per_image"] for e in entries]
     sampling_s = [e.meta["sampling"]["seconds"] for e in entries]
-    base = "eigenscore" if name == "eigenscore_lambda1" else name
+    base = NATIVE.get(name, name)
     costs = [e.meta.get("costs", {}).get(base, {}) for e in entries]
     extra_nfe = float(np.mean([c.get("nfe", 0) for c in costs]))
     extra_s = float(np.mean([c.get("seconds", 0.0) for c in costs]))
@@ -107,8 +116,8 @@ def summarise(entries: Sequence[CachedSlice], block_size: int = 8, top_k: int = 
     curves: dict[str, dict] = {"dataset": {}, "localisation": {}}
     for name in names:
         blocks = [block_maps(e, name, block_size) for e in entries]
-        if name == "eigenscore_lambda1":
-            scores = np.array([e.meta["costs"]["eigenscore"]["native_score"] for e in entries], dtype=np.float64)
+        if name in NATIVE:
+            scores = np.array([e.meta["costs"][NATIVE[name]]["native_score"] for e in entries], dtype=np.float64)
         else:
             scores = np.array([_topk(b, ins, top_k) for b, ins in zip(blocks, insides, strict=True)])
         image_scores[name] = scores
@@ -143,5 +152,9 @@ def _paired_auroc(a: np.ndarray, b: np.ndarray, labels: np.ndarray, patients, n_
     def diff(idx: np.ndarray) -> float:
         return fast_auroc(a[idx], labels[idx]) - fast_auroc(b[idx], labels[idx])
 
+    reason = interval_rule(patients)
+    if reason is not None:
+        return {"mean": diff(np.arange(labels.size)), "ci": [None, None], "n": int(labels.size), "interval": reason,
+                "per_patient": per_unit(diff, patients)}
     ci = patient_bootstrap(diff, patients, n_boot, seed)
-    return {"mean": diff(np.arange(labels.size)), "ci": ci.as_list(), "n": int(labels.size)}
+    return {"mean": diff(np.arange(labels.size)), "ci": ci.as_list(), "n": int(labels.size), "interval": None}

@@ -1,6 +1,10 @@
-"""What ``klip-med run`` reads: a DICOM series, a NIfTI image or an ``.npz`` volume, as a
-:class:`RunInput` (the source grid in physical units, with what is known about it).
+"""What ``klip-med run`` reads: a DICOM series (a folder, or a DICOMweb series URL), a NIfTI image
+or an ``.npz`` volume, as a :class:`RunInput` (the source grid in physical units, with what is
+known about it).
 
+- a DICOMweb series ``http(s)://HOST/ROOT/studies/<StudyUID>/series/<SeriesUID>``: listed with
+  QIDO-RS, retrieved with WADO-RS into a temporary folder, read with the checks of a folder, and
+  the files deleted (:mod:`klip_med.io.dicomweb`).
 - a DICOM folder (searched recursively) or file holding one image series; anonymised series with
   empty Study / Series Instance UIDs get UIDs derived in memory (listed in ``summary.json``).
 - a ``.nii`` / ``.nii.gz`` image: 3D, slices along the third voxel axis, HU for CT.
@@ -21,6 +25,7 @@ import numpy as np
 
 from klip_med.errors import KLIPMedError, expect
 from klip_med.io.dicom.read import read_dicom_series
+from klip_med.io.dicomweb import DicomWebOptions, is_dicomweb_url, read_series
 from klip_med.io.nifti import read_nifti
 from klip_med.io.volume import Volume
 
@@ -35,7 +40,7 @@ class RunInput:
         volume: the source grid ``(Z, H, W)`` in physical units (HU / MR signal), with geometry
             (and the DICOM datasets the outputs will reference, for DICOM input).
         modality: ``"CT"``, ``"MR"`` or ``None`` (unknown: the prior's is assumed).
-        format: ``"dicom"``, ``"nifti"`` or ``"npz"``.
+        format: ``"dicom"``, ``"dicomweb"``, ``"nifti"`` or ``"npz"``.
         truth_mask: optional bool ``(Z, H, W)`` known lesion mask on the source grid.
         mr_scale: optional per-volume MR scale of the prior's rule (default: from the volume).
         description: where it came from, for the summary.
@@ -83,10 +88,19 @@ def _npz_input(path: Path) -> RunInput:
     return RunInput(volume, modality, "npz", mask, mr_scale, str(path))
 
 
-def read_input(path: str | Path) -> RunInput:
-    """Read a DICOM folder / file, a NIfTI image or a ``.npz`` (see the module docstring)."""
+def read_input(path: str | Path, dicomweb: DicomWebOptions | None = None) -> RunInput:
+    """Read a DICOMweb series URL, a DICOM folder / file, a NIfTI image or a ``.npz`` (see the module
+    docstring). ``dicomweb``: credential, TLS, timeout and retries for a URL (default: none, verified
+    TLS, 60 s, 3 retries)."""
+    if is_dicomweb_url(path):
+        options = dicomweb or DicomWebOptions()
+        volume = read_series(str(path), options, argument="--input")
+        modality = str(volume.datasets[0].get("Modality", "")) or None if volume.datasets else None
+        return RunInput(volume, modality, "dicomweb", description=volume.source,
+                        extra={"notes": list(volume.notes), "dicomweb": options.describe()})
     p = Path(path)
-    expect(p.exists(), "--input", "an existing DICOM folder or file, .nii / .nii.gz or .npz file",
+    expect(p.exists(), "--input", "an existing DICOM folder or file, .nii / .nii.gz or .npz file, or a "
+           "DICOMweb series URL http(s)://HOST/ROOT/studies/<StudyUID>/series/<SeriesUID>",
            f"no such path {str(p)!r}")
     name = p.name.lower()
     if p.is_file() and name.endswith(".npz"):

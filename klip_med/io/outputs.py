@@ -202,7 +202,9 @@ def write_output_set(
         block.update(_source_rows_cols(block, source, work))
         if null is not None and result.zscores is not None:
             z = float(result.zscores[block["slice"], block["row"] // result.block_size, block["col"] // result.block_size])
-            block.update({"null_z": z, "null_p": float(null.p_values(np.array(z)))})
+            n_slice = int(result.inside[block["slice"]].sum())
+            block.update({"null_z": z, "block_p": float(null.p_values(np.array(z))),
+                          "slice_p": float(null.family_p(z, n_slice))})
     for record in result.slices:
         for block in record["top_blocks"]:
             block.update(_source_rows_cols({**block, "slice": record["slice"]}, source, work))
@@ -216,14 +218,7 @@ def write_output_set(
     summary["top_blocks"] = top
     summary["threshold"] = {**threshold_info, "source_pixels_flagged": int(mask_src.sum())}
     if z_slice_max is not None:
-        summary["null"] = {
-            "source": null.source, "n_images": null.n_images, "conditioning": null.conditioning,
-            "conditions": null.conditions, "max_z_per_slice": [round(float(v), 4) for v in z_slice_max],
-            "min_p_per_slice": [float(v) for v in null.p_values(z_slice_max)],
-            "meaning": "z: log block density standardised against in-distribution reconstructions "
-                       f"({null.conditioning} conditioning); p: fraction of in-distribution blocks at least as extreme "
-                       "(per block, not corrected for the number of blocks)",
-        }
+        summary["null"] = null_levels(null, result, z_slice_max)
     if truth_mask is not None and bool(truth_mask.any()):
         body_src = to_source_grid(result.body.astype(np.uint8), source, kind="label").astype(bool)
         heat = klip_src[0]
@@ -249,18 +244,55 @@ def write_output_set(
     return summary
 
 
+def null_levels(null, result: VolumeResult, z_slice_max: np.ndarray) -> dict[str, Any]:
+    """The null model's verdict at the three levels: per block, per slice, per volume (``summary["null"]``).
+
+    ``slice_p[k]``: how often a healthy slice with as many in-body blocks as slice ``k`` reaches its
+    largest z-score; ``volume_p``: the same for the whole input (all in-body blocks); both corrected
+    for the number of blocks (:mod:`klip_med.calibration.levels`). ``block_p_of_max`` is the
+    uncorrected per-block p-value of each slice's largest z (not a statement about the slice).
+    """
+    counts = result.inside.sum(axis=(1, 2)).astype(int)
+    finite = np.isfinite(z_slice_max)
+    slice_p = [float(null.family_p(z, n)) if ok else None for z, n, ok in zip(z_slice_max, counts, finite, strict=True)]
+    volume_p = float(null.family_p(float(z_slice_max[finite].max()), int(counts.sum()), volume=True)) if finite.any() else None
+    return {
+        "source": null.source, "n_images": null.n_images, "conditioning": null.conditioning,
+        "conditions": null.conditions, "effective_fraction": null.effective_fraction,
+        "max_z_per_slice": [round(float(v), 4) if ok else None for v, ok in zip(z_slice_max, finite, strict=True)],
+        "in_body_blocks_per_slice": counts.tolist(),
+        "block_p_of_max_per_slice": [float(v) if ok else None for v, ok in
+                                     zip(null.p_values(np.where(finite, z_slice_max, 0.0)), finite, strict=True)],
+        "slice_p": slice_p,
+        "volume_p": volume_p,
+        "meaning": {
+            "z": f"log block density standardised against healthy reconstructions ({null.conditioning} conditioning)",
+            "block_p": "fraction of healthy blocks at least as extreme (per block, not corrected for the number of "
+                       "blocks)",
+            "slice_p": "how often a healthy slice with as many in-body blocks reaches this slice's largest z "
+                       "(corrected for the number of blocks)",
+            "volume_p": "how often a healthy volume with as many in-body blocks reaches this volume's largest z",
+        },
+    }
+
+
 def one_line(summary: dict[str, Any]) -> str:
-    """E.g. ``image score 3.98 nats/pixel; top blocks (r32,c56) 3.98, ... ; 41.2 s``."""
+    """E.g. ``image score 3.98 nats/pixel; top blocks (r32,c56) 3.98 (z 4.1, block p 0.0004), ...;
+    slice p 0.03 (healthy slices this extreme); 41.2 s``."""
     score = summary["score"]
     volume = len(summary.get("slices", [])) > 1
     parts = []
     for b in summary["top_blocks"]:
         where = f"z{b['slice']} " if volume else ""
-        z = f" (null z {b['null_z']:.2f}, p {b['null_p']:.2g})" if "null_z" in b else ""
+        z = f" (z {b['null_z']:.2f}, block p {b['block_p']:.2g})" if "null_z" in b else ""
         parts.append(f"{where}(r{b['row']},c{b['col']}) {b['nats_per_pixel']:.3g}{z}")
     size = summary["top_blocks"][0]["size"] if summary["top_blocks"] else "?"
     seconds = summary.get("timings", {}).get("total_s")
     tail = f"; {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
     in_slice = f" (slice {score['slice']})" if volume else ""
+    verdict = ""
+    if summary.get("null", {}).get("volume_p") is not None:
+        what = "volume" if volume else "slice"
+        verdict = f"; {what} p {summary['null']['volume_p']:.2g} (healthy {what}s this extreme)"
     return (f"image score {score['max_nats_per_pixel']:.3g} nats/pixel{in_slice}; top {size}x{size} blocks "
-            f"(row, col on the working grid) {', '.join(parts)}{tail}")
+            f"(row, col on the working grid) {', '.join(parts)}{verdict}{tail}")

@@ -28,7 +28,7 @@ import klip_med
 from klip_med.calibration.scoring import z_pixel_map
 from klip_med.errors import expect
 from klip_med.io.resample import resample_inplane
-from klip_med.monai.options import as_tensor, load_prior, parse_windows, prior_name
+from klip_med.monai.options import as_tensor, load_prior, null_summary, parse_windows, prior_name
 from klip_med.monai.orientation import PRIOR_SLICE_AXCODES, SliceLayout, check_axcodes, slice_layout
 from klip_med.pipeline.reconstruct import SliceResult, reconstruct_image, reconstruct_measurement
 from klip_med.pipeline.settings import KLIPSettings, default_windows
@@ -37,8 +37,9 @@ from klip_med.score import Window
 INTENSITY_MODES = ("physical", "prior")
 OUTPUT_NAMES = ("recon", "std", "klip", "klip_z")
 """Outputs in channel order; ``klip_z`` only when a null model applies."""
-Z_THRESHOLD_FPR = 0.01
-"""False-positive rate per healthy block of the z threshold recorded in ``meta["klip"]`` (as ``klip-med run``)."""
+Z_THRESHOLD_RULE = ("fwer", 0.05)
+"""The rule of the z threshold recorded in ``meta["klip"]``: ``klip-med run``'s default SEG rule, a 5%
+family-wise rate over the input's in-body blocks."""
 
 
 class KLIPReconstruct(Transform):
@@ -92,8 +93,10 @@ class KLIPReconstruct(Transform):
           KLIP map in nats per input pixel (the prior-grid map resampled so that block sums are kept).
         - ``klip_z`` (only when a null model applies): each block's combined z-score against healthy
           reconstructions, on its pixels (nearest-neighbour onto the input grid; 0 for blocks
-          outside the body). ``meta["klip"]["z_threshold"]`` is the z at a 1% false-positive rate
-          per healthy block, the threshold ``klip-med run`` uses for its SEG.
+          outside the body). ``meta["klip"]["z_threshold"]`` is the z that a healthy input with as many
+          in-body blocks reaches with probability 5% (``fwer:0.05``, ``klip-med run``'s default SEG rule);
+          ``meta["klip"]["volume_p"]`` and each slice's ``slice_p`` say how often a healthy input / slice
+          reaches the largest z found.
 
         With ``measure=False`` the outputs lie on the prior's grid, (1, h, w), in the prior's slice
         orientation, and carry the input's affine if it is a ``MetaTensor``.
@@ -112,7 +115,7 @@ class KLIPReconstruct(Transform):
         physics: Any,
         *,
         samples: int = 4,
-        steps: int = 100,
+        steps: int = 50,
         sampler: str = "fast",
         windows: Sequence[str | Window] | str | Window | None = None,
         block_size: int = 8,
@@ -182,10 +185,11 @@ class KLIPReconstruct(Transform):
         reference = prior_argument if named else self.prior.config.name
         return resolve_null(null, reference, self.prior, self.physics, self.settings)
 
-    def _zscores(self, results: list[SliceResult]) -> tuple[np.ndarray, list[float | None]]:
-        """(D, h, w) z maps on the prior's grid and each slice's largest in-body z (:func:`z_pixel_map`)."""
-        maps, maxima = zip(*(z_pixel_map(self.null, r, self.null_windows) for r in results), strict=True)
-        return np.stack(maps).astype(np.float32), list(maxima)
+    def _zscores(self, results: list[SliceResult]) -> tuple[np.ndarray, list[tuple[float | None, int]]]:
+        """(D, h, w) z maps on the prior's grid and each slice's (largest in-body z, in-body blocks)
+        (:func:`z_pixel_map`)."""
+        maps, maxima, counts = zip(*(z_pixel_map(self.null, r, self.null_windows) for r in results), strict=True)
+        return np.stack(maps).astype(np.float32), list(zip(maxima, counts, strict=True))
 
     # -------------------------------------------------------------- call
 
@@ -242,8 +246,10 @@ class KLIPReconstruct(Transform):
         return out
 
     def _summary(self, results: list[SliceResult], physics_text: Any,
-                 z_max: Sequence[float | None] | None = None) -> dict[str, Any]:
-        """Per-slice and overall scores; ``z_max``: each slice's largest in-body z (with a null model)."""
+                 z_max: Sequence[tuple[float | None, int]] | None = None) -> dict[str, Any]:
+        """Per-slice and overall scores; ``z_max``: each slice's (largest in-body z, in-body blocks)
+        with a null model: then per-slice ``slice_p``, the input's ``volume_p`` and the z threshold
+        of :data:`Z_THRESHOLD_RULE` (what ``klip-med run`` flags by default)."""
         slices = []
         for index, r in enumerate(results):
             slices.append({
@@ -251,13 +257,7 @@ class KLIPReconstruct(Transform):
                 "score_statistic": r.score.statistic, "top_blocks_prior_grid": r.top_blocks(3),
                 "network_calls": r.metadata["network_calls"], "seconds": r.metadata["seconds"],
             })
-        null: dict[str, Any] = {"null_model": self.null_description}
-        if self.null is not None and z_max is not None:
-            for entry, value in zip(slices, z_max, strict=True):
-                entry["z_max"] = None if value is None else round(value, 4)
-            found = [v for v in z_max if v is not None]
-            null.update(z_max=round(max(found), 4) if found else None, z_threshold={
-                "fpr": Z_THRESHOLD_FPR, "z": round(self.null.z_threshold(Z_THRESHOLD_FPR), 4)})
+        null = null_summary(self.null, self.null_description, slices, z_max, Z_THRESHOLD_RULE)
         return {
             "score_max": max(s["score_max"] for s in slices), **null,
             "prior": prior_name(self.prior), "physics": physics_text, "measure": self.measure,

@@ -60,3 +60,26 @@ def as_tensor(img: Any, argument: str) -> torch.Tensor:
 def prior_name(prior) -> str:
     config = getattr(prior, "config", None)
     return str(getattr(config, "name", type(prior).__name__))
+
+
+def null_summary(null, description: str, slices: list[dict], z_max, rule: tuple[str, float]) -> dict[str, Any]:
+    """``meta["klip"]``'s null fields: the model used, and with one each slice's ``z_max`` and
+    ``slice_p`` (written into ``slices``), the input's ``volume_p`` and the z threshold of ``rule``.
+
+    Args:
+        z_max: each slice's (largest in-body z or None, in-body blocks), or None without a model.
+    """
+    out: dict[str, Any] = {"null_model": description}
+    if null is None or z_max is None:
+        return out
+    for entry, (value, n) in zip(slices, z_max, strict=True):
+        entry["z_max"] = None if value is None else round(value, 4)
+        entry["slice_p"] = None if value is None else float(null.family_p(value, n))
+    found = [v for v, _ in z_max if v is not None]
+    total = sum(n for _, n in z_max)
+    kind, alpha = rule
+    out.update(z_max=round(max(found), 4) if found else None,
+               volume_p=float(null.family_p(max(found), total, volume=True)) if found else None,
+               z_threshold={"rule": f"{kind}:{alpha:g}", "in_body_blocks": total,
+                            "z": round(null.family_threshold(alpha, max(total, 1), volume=True), 4)})
+    return out

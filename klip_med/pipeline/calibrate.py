@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from klip_med.calibration.conditions import null_conditions
+from klip_med.calibration.fit import fit_null
 from klip_med.calibration.null_model import NullModel
 from klip_med.calibration.scoring import result_blocks
 from klip_med.errors import KLIPMedError, expect
@@ -41,7 +42,8 @@ from klip_med.pipeline.settings import KLIPSettings
 
 def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: Sequence[np.ndarray] | torch.Tensor,
                      source: str, conditioning: str = "auto", device: str | torch.device = "cpu",
-                     log: Callable[[str], None] | None = print, groups: Sequence[str] | None = None) -> NullModel:
+                     log: Callable[[str], None] | None = print, groups: Sequence[str] | None = None,
+                     fingerprints: Sequence[dict] = (), spread: str = "predictive") -> NullModel:
     """Measure and reconstruct ID images, then fit the null model on their in-body blocks.
 
     Args:
@@ -49,6 +51,9 @@ def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: S
         source: description recorded in the model.
         conditioning: see :class:`~klip_med.calibration.NullModel` (``auto`` by default).
         groups: group of each image (e.g. its patient) for ``auto``'s held-out selection.
+        fingerprints: one ``{"key", "sha256"}`` per image (:mod:`klip_med.data.identity`), recorded in
+            the model so that it refuses to score its own calibration images; or none.
+        spread: the per-position spread estimator (:data:`klip_med.calibration.families.SPREADS`).
         settings: as used for the images to be scored (the model covers all its windows); image ``k`` is measured and sampled with
             seed ``settings.seed + 1000 * k`` (independent operator draws and noise).
     """
@@ -63,19 +68,20 @@ def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: S
         blocks.append(result_blocks(result, settings.block_size))
         say(f"[{k + 1}/{len(images)}] calibration image: {time.perf_counter() - t0:.1f} s")
     densities, covariates, insides = zip(*blocks, strict=True)
-    null = NullModel.fit(densities, covariates, insides, null_conditions(prior, physics_spec, settings), source,
-                         conditioning, groups)
+    null = fit_null(densities, covariates, insides, null_conditions(prior, physics_spec, settings), source,
+                    conditioning, groups, fingerprints=fingerprints, spread=spread)
     null.extra["seconds"] = round(time.perf_counter() - start, 1)
     return null
 
 
 def manifest_null_images(manifest, split: str, prior, max_patients: int | None = None, max_slices: int = 6,
-                         seed: int = 0) -> tuple[list[np.ndarray], str, list[str]]:
+                         seed: int = 0) -> tuple[list[np.ndarray], str, list[str], list[dict]]:
     """Lesion-free slices of a manifest split (the benchmark selection's ID images), prior units.
 
     Returns:
-        ``(images, source, groups)``: the images, a description naming the manifest, split and
-        slices, and each image's patient (the benchmark's bootstrap unit).
+        ``(images, source, groups, fingerprints)``: the images, a description naming the manifest,
+        split and slices, each image's patient (the benchmark's bootstrap unit) and its identity
+        (``{"key", "sha256"}``, :mod:`klip_med.data.identity`).
     """
     from klip_med.data.selection import select_slices
 
@@ -83,8 +89,9 @@ def manifest_null_images(manifest, split: str, prior, max_patients: int | None =
     if not chosen:
         raise KLIPMedError(f"{manifest.source}: expected lesion-free slices in split {split!r}, found none")
     keys = [s.key for s in chosen]
-    return ([s.image for s in chosen], f"{manifest.name} {split}: {len(keys)} lesion-free slices ({', '.join(keys[:3])}, ...)",
-            [s.patient for s in chosen])
+    source = f"{manifest.name} {split}: {len(keys)} lesion-free slices of {len({s.patient for s in chosen})} patients"
+    return ([s.image for s in chosen], f"{source} ({', '.join(keys[:3])}, ...)", [s.patient for s in chosen],
+            [dict(s.info["source"]) for s in chosen])
 
 
 def prior_null_images(prior, n: int, seed: int = 0, steps: int = 100) -> list[np.ndarray]:

@@ -59,6 +59,22 @@ def case_file(*parts: str) -> Path:
 # ----------------------------------------------------------------------------- MRI case
 
 
+def bundled_mri_slice(prior, device: str = "cpu"):
+    """The bundled TCGA-LGG FLAIR slice in ``prior``'s units and its tumour mask.
+
+    Returns ``(truth, tumour)``: ``truth`` an (H, W) float32 tensor on ``device`` in [-1, 1] (the
+    volume's MR scale applied), and ``tumour`` the (H, W) bool numpy mask.
+    The examples that drive a sampler by hand start from it.
+    """
+    import torch
+
+    with np.load(case_file("lgg_flair_demo.npz")) as case:
+        flair, tumour, scale = case["flair"], case["mask"].astype(bool), float(case["volume_mr_scale"])
+    model = prior.config.intensity.to_model(flair.astype(np.float32), scale)
+    truth = torch.as_tensor(model, dtype=torch.float32, device=device)
+    return truth, tumour
+
+
 def write_mr_source(flair: np.ndarray, spacing_mm: float, folder: Path, info: dict[str, Any]) -> Path:
     """Write a 2D MR slice as a single-frame DICOM MR Image (pydicom), ``folder/<SOPInstanceUID>.dcm``.
 

@@ -73,7 +73,7 @@ class KLIPSettings:
     """
 
     samples: int = 4
-    steps: int = 100
+    steps: int = 50
     sampler: str = "fast"
     windows: tuple[Window, ...] = (FULL,)
     block_size: int = 8

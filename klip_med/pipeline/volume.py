@@ -68,8 +68,11 @@ class RunOptions:
         settings: sampler and KLIP settings (samples, steps, sampler, windows, block size, seed).
         slice_batch: slices per sampler call (B x S samples at once).
         threshold: OOD mask threshold (:func:`klip_med.calibration.thresholds.parse_threshold`): ``"auto"``
-            (``fpr:0.01`` with a null model, else ``p95``), ``"fpr:A"``, ``"pNN"`` or nats per pixel.
+            (``fwer:0.05`` with a null model, else no SEG), ``"fwer:A"``, ``"fdr:Q"``, ``"fpr:A"`` (and
+            their ``-slice`` forms), ``"pNN"`` or nats per pixel.
         device: ``"cpu"`` or ``"cuda"``.
+        allow_calibration_overlap: score an input whose slices the null model was fitted on
+            (refused otherwise).
         null: null model of the first window (:func:`klip_med.calibration.store.resolve_null`): ``"auto"``
             (one shipped with the prior for exactly these physics and settings, if any), ``"none"``,
             or a JSON file from ``klip-med calibrate``.
@@ -81,6 +84,7 @@ class RunOptions:
     threshold: str = "auto"
     device: str = "cpu"
     null: str | None = "auto"
+    allow_calibration_overlap: bool = False
 
     def __post_init__(self) -> None:
         from klip_med.physics import parse_spec
@@ -126,20 +130,35 @@ def _measure(x: torch.Tensor, options: RunOptions, size: int, start: int):
 
 
 
-def _apply_null(result: VolumeResult, prior, prior_reference: str | None, options: RunOptions):
-    """Find the run's null model (:attr:`RunOptions.null`) and set ``result.zscores``; returns the
-    model (or None) and a description."""
+def _find_null(run_input: RunInput, prior, prior_reference: str | None, options: RunOptions):
+    """The run's null model (:attr:`RunOptions.null`), settled before any sampling: ``(model or None,
+    indices of its windows among the run's, description)``. A model whose calibration images include a
+    slice of this input is refused (unless ``allow_calibration_overlap``): its p-values would be too
+    small there."""
     from klip_med.calibration.store import resolve_null
-    from klip_med.score.blocks import pool_blocks
+    from klip_med.data.identity import slice_sha256
 
     null, windows, description = resolve_null(options.null, prior_reference or prior.config.name, prior,
                                               options.physics, options.settings)
-    if null is not None:
-        b = options.settings.block_size
-        dens = pool_blocks(torch.from_numpy(result.klip[windows]), b).densities.numpy()  # (W, Z, gh, gw)
-        result.zscores = np.stack([null.z_scores(dens[:, k], block_covariates(result.recon[k], result.body[k], b))
-                                   for k in range(result.recon.shape[0])])
-    return null, description
+    if null is not None and null.fingerprints:
+        pixels = run_input.volume.pixels
+        hits = null.overlap([{"key": None, "sha256": slice_sha256(pixels[k])} for k in range(pixels.shape[0])])
+        expect(not hits or options.allow_calibration_overlap, f"--null {options.null}",
+               "a null model fitted on other images than the input", f"{len(hits)} of the input's {pixels.shape[0]} "
+               "slices among its calibration images (use another model, or --allow-calibration-overlap to score "
+               "them anyway)")
+        if hits:
+            description += f" (note: {len(hits)} input slices are among its calibration images)"
+    return null, windows, description
+
+
+def _z_scores(result: VolumeResult, null, windows: list[int], block_size: int) -> None:
+    """Set ``result.zscores``: each slice's combined block z-scores under ``null``."""
+    from klip_med.score.blocks import pool_blocks
+
+    dens = pool_blocks(torch.from_numpy(result.klip[windows]), block_size).densities.numpy()  # (W, Z, gh, gw)
+    result.zscores = np.stack([null.z_scores(dens[:, k], block_covariates(result.recon[k], result.body[k], block_size))
+                               for k in range(result.recon.shape[0])])
 
 
 def baseline_name(physics_spec: str) -> str:
@@ -184,7 +203,11 @@ def run_volume(
     expect(run_input.modality in (None, modality), "--input",
            f"a {modality} image for prior {prior.config.name!r}", f"modality {run_input.modality}")
     model, scale = _model_units(run_input, prior)
+    null, null_windows, null_description = _find_null(run_input, prior, prior_reference, options)
     fingerprint = run_fingerprint(model, prior, options)
+    network = prior.execution() if hasattr(prior, "execution") else {}
+    if network:  # opt-in network execution (DiffusionPrior.set_execution): never mixed with default slices
+        fingerprint["network"] = network
     check_resume(folder, fingerprint)
     size = int(prior.image_shape[-1])
     n_slices, batch = model.shape[0], options.slice_batch
@@ -228,7 +251,8 @@ def run_volume(
     for r in records:
         r["record"].pop("klip", None)  # type: ignore[index]
     result = stack_slices(records, options.settings.block_size)  # type: ignore[arg-type]
-    null, null_description = _apply_null(result, prior, prior_reference, options)
+    if null is not None:
+        _z_scores(result, null, null_windows, options.settings.block_size)
     if physics_description is None:
         physics_description = _measure(torch.zeros(1, 1, size, size), options, size, 0)[0].describe()
     summary: dict[str, Any] = {
@@ -246,6 +270,7 @@ def run_volume(
         "windows": options.settings.describe()["windows"],
         "klip": klip_metadata,
         "null_model": null_description,
+        **({"network": network} if network else {}),
         **(summary_extra or {}),
     }
     write_start = time.perf_counter()

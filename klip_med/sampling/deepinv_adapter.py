@@ -33,14 +33,16 @@ from klip_med.score.events import StepEvent, StepObserver
 class EpsilonDenoiser(dinv.models.Denoiser):
     """An epsilon-prediction VP prior seen as a deepinv denoiser ``D(x0 + sigma n, sigma) -> x0``.
 
-    It remembers its most recent output so the observed solver can form the prior score without
-    a second network evaluation.
+    It remembers its outputs (``calls``, cleared by :class:`ObservedAncestralSolver` every step) so the
+    observed solver can form the prior score without a second network evaluation; ``keep_calls=False``
+    remembers nothing (for samplers that never clear the list).
     """
 
-    def __init__(self, prior: EpsilonPrior) -> None:
+    def __init__(self, prior: EpsilonPrior, keep_calls: bool = True) -> None:
         super().__init__()
         self.prior = prior
         self.schedule = VPSchedule(prior.alphas_cumprod)
+        self.keep_calls = bool(keep_calls)
         self.calls: list[tuple[Tensor, Tensor]] = []
 
     def forward(self, x: Tensor, sigma: Tensor | float, *args, **kwargs) -> Tensor:
@@ -51,7 +53,8 @@ class EpsilonDenoiser(dinv.models.Denoiser):
         x_t = (alpha_bar.sqrt().reshape(view) * x).to(torch.float32)
         t = self.schedule.continuous_timestep(sigma)
         denoised = x - sigma.reshape(view).to(x.dtype) * self.prior.eps(x_t, t).to(x.dtype)
-        self.calls.append((sigma.detach(), denoised.detach()))
+        if self.keep_calls:
+            self.calls.append((sigma.detach(), denoised.detach()))
         return denoised
 
 

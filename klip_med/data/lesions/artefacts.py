@@ -1,15 +1,19 @@
-"""Artefacts of any modality: the KLIP paper's star (tapered bright or dark arms)."""
+"""Shifts of any modality: the KLIP paper's star (tapered bright or dark arms) and an iso-intense
+texture change (same mean, different texture)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
 from klip_med.data.lesions.geometry import (
     CORE_LEVEL,
+    MASK_LEVEL,
     Inserted,
+    boundary_harmonics,
     check_fraction,
     check_image,
     check_number,
@@ -19,11 +23,21 @@ from klip_med.data.lesions.geometry import (
     finish,
     offsets_mm,
     place_centre,
+    round_profile,
 )
 from klip_med.errors import expect
 
 STAR_DIAMETER_RANGE_MM = (10.0, 40.0)
 STAR_ARMS_RANGE = (4, 8)
+STAR_CONTRAST_RANGE = (0.15, 0.4)
+"""Magnitude of an MR star's contrast as a fraction of the intensity range (sign drawn at random)."""
+STAR_CONTRAST_RANGE_HU = (100.0, 300.0)
+"""Magnitude of a CT star's contrast in HU (sign drawn at random)."""
+TEXTURE_DIAMETER_RANGE_MM = (10.0, 30.0)
+TEXTURE_AMPLITUDE_RANGE = (0.08, 0.15)
+"""Std of an MR texture change inside its mask, as a fraction of the intensity range."""
+TEXTURE_AMPLITUDE_RANGE_HU = (25.0, 50.0)
+"""Std of a CT texture change inside its mask, in HU."""
 
 
 def insert_star(
@@ -84,3 +98,60 @@ def insert_star(
               "amplitude": amplitude, "contrast": value}
     return finish(img, amplitude * profile, [profile], profile, "star", c, diameter, spacing, params)
 
+
+
+def insert_texture(
+    image: np.ndarray,
+    pixel_spacing_mm: float | tuple[float, float],
+    rng: np.random.Generator,
+    *,
+    amplitude: float,
+    texture_mm: float | None = None,
+    diameter_mm: float | None = None,
+    centre: tuple[float, float] | None = None,
+    placement_mask: np.ndarray | None = None,
+    edge_fraction: float = 0.15,
+    irregularity: float = 0.15,
+    clip: tuple[float, float] | None = None,
+) -> Inserted:
+    """Insert an iso-intense texture change (kind ``texture``): inside a soft irregular disc, add a
+    zero-mean smoothed-noise pattern, ``change = amplitude * P * g``.
+
+    ``g`` is Gaussian noise smoothed by a Gaussian of sigma ``texture_mm``, shifted so that the
+    change sums to exactly zero over the mask (the mean inside the lesion is unchanged) and scaled
+    so that its std over the mask is ``amplitude``; only the texture differs. Clipping (``clip``)
+    can move the mean where the pattern reaches the limits: ``params["mean_change_in_mask"]`` is
+    measured after it.
+
+    Args:
+        amplitude: std of the change over the mask, image units (> 0).
+        texture_mm: correlation length; None: one pixel (the largest spacing).
+        diameter_mm: None samples :data:`TEXTURE_DIAMETER_RANGE_MM`.
+        centre, placement_mask: as for :func:`insert_star` (default region: the whole image).
+        clip: (low, high) the output is clipped to, or None.
+    """
+    img = check_image(image)
+    spacing = check_spacing(pixel_spacing_mm)
+    rng = check_rng(rng)
+    amplitude = check_number("amplitude", amplitude, positive=True)
+    texture_mm = max(spacing) if texture_mm is None else check_number("texture_mm", texture_mm, positive=True)
+    edge_fraction = check_fraction("edge_fraction", edge_fraction, 1e-3, 0.5)
+    irregularity = check_fraction("irregularity", irregularity, 0.0, 0.5)
+    diameter = choose_diameter(diameter_mm, rng, TEXTURE_DIAMETER_RANGE_MM, spacing, img.shape, 1 + irregularity)
+    radius = diameter / 2
+    harmonics = boundary_harmonics(rng, irregularity)
+    c = place_centre(rng, img.shape, spacing, radius * (1 + irregularity), centre, placement_mask,
+                     lambda: np.ones(img.shape, bool), "placement_mask (default: whole image)")
+    dy, dx = offsets_mm(img.shape, c, spacing)
+    p = round_profile(dy, dx, radius, harmonics, edge_fraction * radius)
+    mask = p >= MASK_LEVEL
+    g = gaussian_filter(rng.standard_normal(img.shape), sigma=(texture_mm / spacing[0], texture_mm / spacing[1]))
+    g -= (p * g)[mask].sum() / p[mask].sum()
+    g /= (p * g)[mask].std()
+    change = amplitude * p * g
+    out = finish(img, change, [p], p, "texture", c, diameter, spacing,
+                 {"amplitude": amplitude, "texture_mm": texture_mm, "edge_mm": edge_fraction * radius,
+                  "irregularity": irregularity}, clip)
+    measured = out.image.astype(np.float64)[mask] - img.astype(np.float64)[mask]
+    out.lesion.params.update(mean_change_in_mask=float(measured.mean()), std_change_in_mask=float(measured.std()))
+    return out

@@ -36,6 +36,9 @@ CT_SOFT_TISSUE_SMOOTH_MM = 3.0
 """Gaussian sigma (mm) applied before :data:`CT_SOFT_TISSUE_HU` is tested (ignores noise and texture)."""
 CT_HYPODENSE_RANGE_HU = (-80.0, -40.0)
 """Signed contrast of a hypodense metastasis against enhanced parenchyma in the portal-venous phase."""
+CT_HYPERDENSE_RANGE_HU = (40.0, 80.0)
+"""Signed contrast of a hyperdense lesion (e.g. a hypervascular metastasis in the arterial phase),
+the mirror of :data:`CT_HYPODENSE_RANGE_HU`."""
 
 
 

@@ -28,7 +28,7 @@ class Lesion:
     """What was inserted, for benchmark logs.
 
     Attributes:
-        kind: ``"ct_hypo"``, ``"ct_hyper"``, ``"flair"``, ``"star"`` or ``"metal"``.
+        kind: ``"ct_hypo"``, ``"ct_hyper"``, ``"flair"``, ``"flair_hypo"``, ``"texture"``, ``"star"`` or ``"metal"``.
         centre: (row, col) in pixels.
         diameter_mm: nominal diameter (round kinds: twice the mean boundary radius; star: twice
             the arm length; metal: the object's long axis).
