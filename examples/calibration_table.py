@@ -57,7 +57,7 @@ def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int) ->
     cal = calibration_rates(ids, models, blocks, n_boot=n_boot, seed=0)
     methods, _ = summarise(add_null_maps(entries, models, blocks, windows, block_size), block_size, 5, n_boot, 0)
     loc = methods[method_name(windows)]["localisation"]
-    auroc = f"{loc['auroc']:.3f} [{loc['auroc_ci'][0]:.3f}, {loc['auroc_ci'][1]:.3f}]" if loc and loc["auroc"] else "n/a"
+    auroc = _cell({"observed": loc["auroc"], "ci": loc["auroc_ci"]}) if loc and loc["auroc"] is not None else "n/a"
     s = cal["slice"]
     return (f"| {label} | {cal['n_images']} / {cal['n_patients']} | {_cell(cal['rates']['0.01'])} | "
             f"{_cell(cal['rates']['0.05'])} | {_cell(s['fwer-slice:0.05'])} | {_cell(s['fdr-slice:0.05'])} | "

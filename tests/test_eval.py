@@ -480,7 +480,8 @@ def _without_costs(methods: dict) -> dict:
 def test_runner_end_to_end_resumes_and_is_deterministic(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from klip_med.eval.runner import _windows, process_slice
+    from klip_med.eval.runner import _windows
+    from klip_med.eval.slice_run import process_slice
 
     DEFAULT_WINDOWS = WINDOWS
 
@@ -606,6 +607,55 @@ def test_runner_recomputes_a_slice_when_settings_change(tmp_path):
         _run(manifest, root, out, prior, windows=("sigma:100,200",))
     with pytest.raises(KLIPMedError, match="dlsr: its companion model lives in the prior's folder"):
         _run(manifest, root, out, prior, baselines=bl.BaselineSettings())  # before any sampling
+
+
+def test_readouts_keep_each_window_total_and_enter_the_fingerprint(tmp_path):
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE, patients=1)
+    prior = tiny_prior(SIZE)
+    out = tmp_path / "run"
+    cheap = bl.BaselineSettings(skip=bl.POST_HOC)
+    plain = _run(manifest, root, out, prior, max_slices=2, baselines=cheap)
+    assert not any(name.startswith(("klip_dn[", "klip_t[")) for name in plain["methods"])
+    with_readouts = _run(manifest, root, out, prior, max_slices=2, baselines=cheap, readouts=("tstat", "denoised"))
+    assert with_readouts["counts"]["computed_now"] == 2  # other read-outs: sampled again
+    for path in sorted((out / "slices").glob("*.npz")):
+        entry = read_slice(path)
+        for w in WINDOWS:
+            # an attribution, not a new divergence: the same KL per window, split otherwise over pixels
+            klip, denoised = entry.maps[f"klip[{w}]"], entry.maps[f"klip_dn[{w}]"]
+            assert denoised.sum() == pytest.approx(float(klip.sum()), rel=1e-4)
+            assert (denoised >= 0).all()
+            assert np.isfinite(entry.maps[f"klip_t[{w}]"]).all()
+        assert entry.meta["sampling"]["readouts"]["extra_network_calls_per_image"] > 0
+    again = _run(manifest, root, out, prior, max_slices=2, baselines=cheap, readouts=("denoised", "tstat"))
+    assert again["counts"]["computed_now"] == 0  # order does not matter
+    assert "klip_dn[full]" in again["methods"] and "klip_t[full]" in again["methods"]
+    with pytest.raises(KLIPMedError, match="readouts: expected some of"):
+        _run(manifest, root, out, prior, max_slices=2, baselines=cheap, readouts=("gradient",))
+
+
+def test_a_failed_slice_is_reported_the_others_are_cached_and_a_rerun_samples_only_it(tmp_path, monkeypatch):
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE, patients=1)
+    prior = tiny_prior(SIZE)
+    out = tmp_path / "run"
+    cheap = bl.BaselineSettings(skip=bl.POST_HOC)
+    import klip_med.pipeline as pipeline_module
+
+    real = pipeline_module.reconstruct_measurement
+    calls = []
+
+    def fails_once(prior_, physics, y, settings, observers=()):
+        calls.append(settings.seed)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(prior_, physics, y, settings, observers=observers)
+
+    monkeypatch.setattr("klip_med.pipeline.reconstruct_measurement", fails_once)
+    with pytest.raises(KLIPMedError, match=r"1 of 4 slices failed \(3 cached for a rerun\); first: .*out of memory"):
+        _run(manifest, root, out, prior, max_slices=4, baselines=cheap)
+    assert len(list((out / "slices").glob("*.npz"))) == 3
+    rerun = _run(manifest, root, out, prior, max_slices=4, baselines=cheap)
+    assert rerun["counts"]["computed_now"] == 1 and len(calls) == 5
 
 
 def test_eval_parser_registers_every_option():
@@ -845,3 +895,42 @@ def test_a_cache_of_the_previous_version_keeps_its_sampling_run(tmp_path, monkey
     other = replace(FAST_BASELINES, anoddpm_t=0.3)  # a settings change of a post-hoc baseline: recomputed, not sampled
     changed = _run(manifest, root, out, prior, max_slices=2, windows=("full",), baselines=other)
     assert changed["counts"]["computed_now"] == 0
+
+
+@pytest.mark.slow
+def test_eval_and_calibrate_on_ray_workers_equal_the_local_run(tmp_path):
+    """Two Ray workers sample the slices (and the calibration images) in any order; the cache, the
+    results and the null model are those of the run in this process."""
+    ray = pytest.importorskip("ray")
+    from dataclasses import replace
+
+    from klip_med.pipeline import parse_window
+    from klip_med.pipeline.calibrate import calibrate_images
+    from klip_med.pipeline.engine import EngineOptions
+
+    manifest, root = _tiny_manifest(tmp_path, size=SIZE)
+    prior = tiny_prior(SIZE)
+    cheap = bl.BaselineSettings(skip=("eigenscore", "dlsr", "diffguard", "monai_likelihood"))
+    local = _run(manifest, root, tmp_path / "local", prior, baselines=cheap)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        engine = EngineOptions("ray", workers=2)
+        remote = _run(manifest, root, tmp_path / "ray", prior, baselines=cheap, engine=engine)
+        assert remote["counts"]["computed_now"] == local["counts"]["computed_now"] == 8
+        assert _without_costs(remote["methods"]) == _without_costs(local["methods"])
+        for path in sorted((tmp_path / "local" / "slices").glob("*.npz")):
+            a, b = read_slice(path), read_slice(tmp_path / "ray" / "slices" / path.name)
+            for name in a.maps:
+                np.testing.assert_array_equal(a.maps[name], b.maps[name], err_msg=f"{path.name}: {name}")
+        rng = np.random.default_rng(0)
+        images = [2 * mr_phantom(SIZE, rng).image - 1 for _ in range(3)]
+        windows = tuple(parse_window(w, prior.alphas_cumprod) for w in WINDOWS)
+        settings = replace(_settings(), windows=windows)
+        here = calibrate_images(prior, "mri:accel=2,center=0.25,noise=0.01", settings, images, "phantoms",
+                                conditioning="none", log=None)
+        there = calibrate_images(prior, "mri:accel=2,center=0.25,noise=0.01", settings, images, "phantoms",
+                                 conditioning="none", log=None, engine=engine)
+        np.testing.assert_array_equal(here.mean, there.mean)
+        np.testing.assert_array_equal(here.std, there.std)
+    finally:
+        ray.shutdown()

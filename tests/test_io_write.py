@@ -250,3 +250,16 @@ def test_png_figure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
     with pytest.raises(KLIPMedError, match=r"path: expected a \.png file name"):
         write_figure(tmp_path / "fig.jpg", vol.pixels[0], klip[0])
+
+
+def test_the_console_line_names_the_level_of_its_p_value():
+    from klip_med.io.outputs import one_line
+
+    block = {"slice": 0, "row": 8, "col": 16, "nats_per_pixel": 0.4, "null_z": 4.1, "block_p": 1e-4, "size": 8}
+    one = {"score": {"max_nats_per_pixel": 0.4, "slice": 0}, "top_blocks": [block],
+           "null": {"slice_p": [0.0036], "volume_p": 0.0065}}
+    line = one_line(one)
+    assert "slice p 0.0036 (healthy slices this extreme)" in line and "volume p" not in line
+    many = {**one, "slices": [{}, {}, {}], "null": {"slice_p": [0.2, 0.0036, 0.5], "volume_p": 0.011}}
+    assert "volume p 0.011 (healthy volumes this extreme)" in one_line(many)
+    assert "slice p" not in one_line({**one, "null": {}}) and "volume p" not in one_line({**one, "null": {}})

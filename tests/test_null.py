@@ -231,3 +231,21 @@ def test_default_windows_keep_the_ones_holding_steps():
     assert 1 <= len(few) < len(RUN_WINDOWS) and few[0].label == "t:0.1,1"
     dps = default_windows(prior, KLIPSettings(steps=50, sampler="dps"))  # DPS: its signal is in the last 10%
     assert [w.label for w in dps] == ["full", *CALIBRATED_WINDOWS]
+
+
+@pytest.mark.parametrize("prior_name", ["mri-brain-flair-128", "ct-abdomen-128"])
+def test_every_shipped_null_model_is_readable_and_belongs_to_its_prior(prior_name):
+    """A shipped model the current code cannot read would make ``--null auto`` silently find nothing."""
+    from klip_med import priors
+    from klip_med.priors.identity import prior_identity
+    from klip_med.priors.registry import SHIPPED_DIR
+
+    files = sorted((SHIPPED_DIR / prior_name / "nulls").glob("*.json"))
+    assert files, f"{prior_name}: no shipped null model"
+    digest = prior_identity(priors.load(prior_name))["weights_sha256"]
+    for path in files:
+        model = NullModel.load(path)
+        assert model.conditions["prior_weights_sha256"] == digest, path.name
+        assert model.spread == "predictive" and 0.0 < model.effective_fraction <= 1.0
+        assert len(model.fingerprints) == model.n_images  # the overlap guard has something to check
+        assert model.z_threshold(0.01) > model.z_threshold(0.05) > 0

@@ -9,11 +9,12 @@ from pathlib import Path
 from klip_med.cli.common import (
     RUN_DEFAULTS,
     add_block_size_flag,
+    add_engine_flags,
     add_sampler_flags,
     add_windows_flag,
-    check_device,
     check_out_folder,
     check_physics,
+    engine_from_args,
     settings_from_args,
 )
 from klip_med.errors import expect
@@ -26,22 +27,10 @@ def run_command(args: argparse.Namespace) -> int:
     from klip_med.calibration.store import resolve_null
     from klip_med.pipeline.batch import INDEX, STATUSES, run_batch
     from klip_med.pipeline.batch_inputs import read_batch_inputs
-    from klip_med.pipeline.engine import EngineOptions
-    from klip_med.pipeline.optional import require
     from klip_med.pipeline.settings import check_windows, default_windows, parse_window
     from klip_med.pipeline.volume import RunOptions
 
-    engine = EngineOptions(args.engine, args.workers, args.cpus_per_worker, args.gpus_per_worker,
-                           args.ray_address, args.worker_retries)
-    if engine.engine == "ray":
-        require("ray", extra="ray", argument="--engine ray")
-        device = args.device  # the workers' device: the driver may have none
-        expect(device == "cpu" or device.startswith("cuda"), "--device", "cpu or cuda[:N]", repr(device))
-        expect(device == "cpu" or engine.gpus_per_worker > 0, "--gpus-per-worker",
-               "> 0 with --device cuda (Ray hides the GPUs from workers that reserve none)", engine.gpus_per_worker)
-    else:
-        device = check_device(args.device)
-    expect(engine.gpus_per_worker == 0 or device != "cpu", "--device", "cuda with --gpus-per-worker > 0", device)
+    engine, device = engine_from_args(args)
     check_physics(args.physics)
     out = check_out_folder(Path(args.out))
     settings = settings_from_args(args, RUN_DEFAULTS)
@@ -93,18 +82,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     batch.add_argument("--prior", required=True, help="shipped prior name (see `klip-med priors`) or a prior folder "
                                                       "(the same path on every Ray node)")
     batch.add_argument("--out", required=True, help="output folder (a rerun resumes in it; shared by every Ray node)")
-    engine = batch.add_argument_group("engine")
-    engine.add_argument("--engine", choices=["local", "ray"], default="local",
-                        help="local: one worker in this process; ray: Ray actors (default local)")
-    engine.add_argument("--ray-address", help="Ray cluster to join: auto (one started with `ray start --head` "
-                                              "on this machine) or ray://HOST:10001 (default: start a local one)")
-    engine.add_argument("--workers", type=int, default=1, help="Ray workers (default 1)")
-    engine.add_argument("--cpus-per-worker", type=float, default=1.0,
-                        help="Ray CPUs per worker, also its torch threads (default 1)")
-    engine.add_argument("--gpus-per-worker", type=float, default=0.0,
-                        help="Ray GPUs per worker; 0.5 puts two workers on a GPU (default 0; needs --device cuda)")
-    engine.add_argument("--worker-retries", type=int, default=2,
-                        help="times a series is rerun after its Ray worker died (default 2)")
+    engine = add_engine_flags(batch, "series")
     engine.add_argument("--data-root", help="data manifests: the folder its files are relative to "
                                             "(default $KLIP_MED_DATA_ROOT)")
     engine.add_argument("--split", choices=["train", "dev", "test"], help="data manifests: one split (default all)")

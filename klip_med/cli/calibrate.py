@@ -11,10 +11,11 @@ from pathlib import Path
 from klip_med.cli.common import (
     RUN_DEFAULTS,
     add_block_size_flag,
+    add_engine_flags,
     add_sampler_flags,
     add_windows_flag,
-    check_device,
     check_physics,
+    engine_from_args,
     settings_from_args,
 )
 from klip_med.errors import expect
@@ -28,14 +29,15 @@ def run_command(args: argparse.Namespace) -> int:
     from klip_med.pipeline.settings import CALIBRATED_WINDOWS, check_windows, parse_window
 
     started = time.perf_counter()
-    device = check_device(args.device)
+    engine, device = engine_from_args(args)
+    driver = device if engine.engine == "local" else "cpu"  # Ray workers use --device; this process may have no GPU
     sources = [s for s in (args.manifest, args.prior_samples, args.from_eval_run) if s is not None]
     expect(len(sources) == 1, "calibration source",
            "exactly one of --manifest, --prior-samples N or --from-eval-run DIR", f"{len(sources)} given")
     out = Path(args.out)
     expect(out.suffix == ".json" and not out.is_dir(), "--out", "a .json file path", str(out))
     check_physics(args.physics)
-    prior = priors.load(args.prior, device=device)
+    prior = priors.load(args.prior, device=driver)
     check_physics(args.physics, int(prior.image_shape[-1]))
     from dataclasses import replace
 
@@ -59,8 +61,8 @@ def run_command(args: argparse.Namespace) -> int:
             source = f"{args.prior_samples} unconditional samples of the prior (DDIM eta=1, 100 steps, seed {settings.seed})"
         print(f"calibrating on {len(images)} in-distribution images: {source}")
         null = calibrate_images(prior, args.physics, settings, images, source, conditioning=args.conditioning,
-                                spread=args.spread,
-                                device=device, groups=groups, fingerprints=prints)
+                                spread=args.spread, device=device if engine.engine == "ray" else driver,
+                                groups=groups, fingerprints=prints, engine=engine, prior_source=args.prior)
     null.extra["command_seconds"] = round(time.perf_counter() - started, 1)
     null.save(out)
     chosen = null.extra.get("selection", {}).get("heldout_loglik_nats_per_block_window")
@@ -92,6 +94,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prior", required=True, help="shipped prior name or prior folder")
     p.add_argument("--physics", required=True, help="acquisition, as for `klip-med run`")
     p.add_argument("--out", required=True, help="null model JSON file to write")
+    add_engine_flags(p, "calibration image")
     src = p.add_argument_group("in-distribution source (exactly one)")
     src.add_argument("--manifest", help="data manifest: its lesion-free slices of --split")
     src.add_argument("--prior-samples", type=int, metavar="N", help="N unconditional samples of the prior")

@@ -178,3 +178,42 @@ def print_outputs(summary: dict, out: Path) -> None:
                if rule.get("kind") == "none" else f"no block reached the threshold ({rule.get('kind')}:{rule.get('value')})")
         print(f"  seg                (not written: {why})")
     print(one_line(summary))
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, unit: str) -> argparse._ArgumentGroup:
+    """``--engine``, ``--ray-address``, ``--workers``, ``--cpus-per-worker``, ``--gpus-per-worker`` and
+    ``--worker-retries`` (:mod:`klip_med.pipeline.engine`); ``unit`` names what one item is."""
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: one worker in this process; ray: Ray actors, each loading the prior once "
+                             "(pip install 'klip-med[ray]'; default local)")
+    engine.add_argument("--ray-address", help="Ray cluster to join: auto (one started with `ray start --head` "
+                                              "on this machine) or ray://HOST:10001 (default: start a local one)")
+    engine.add_argument("--workers", type=int, default=1, help="Ray workers (default 1)")
+    engine.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="Ray CPUs per worker, also its torch threads (default 1)")
+    engine.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="Ray GPUs per worker; 0.5 puts two workers on a GPU (default 0; needs --device cuda)")
+    engine.add_argument("--worker-retries", type=int, default=2,
+                        help=f"times a {unit} is rerun after its Ray worker died (default 2)")
+    return engine
+
+
+def engine_from_args(args: argparse.Namespace):
+    """``(EngineOptions, device)`` from :func:`add_engine_flags`' flags and ``--device``: Ray checked to
+    be installed (one error naming the extra), the workers' device checked against their GPUs."""
+    from klip_med.pipeline.engine import EngineOptions
+    from klip_med.pipeline.optional import require
+
+    engine = EngineOptions(args.engine, args.workers, args.cpus_per_worker, args.gpus_per_worker,
+                           args.ray_address, args.worker_retries)
+    if engine.engine == "ray":
+        require("ray", extra="ray", argument="--engine ray")
+        device = args.device  # the workers' device: the driver may have none
+        expect(device == "cpu" or device.startswith("cuda"), "--device", "cpu or cuda[:N]", repr(device))
+        expect(device == "cpu" or engine.gpus_per_worker > 0, "--gpus-per-worker",
+               "> 0 with --device cuda (Ray hides the GPUs from workers that reserve none)", engine.gpus_per_worker)
+    else:
+        device = check_device(args.device)
+    expect(engine.gpus_per_worker == 0 or device != "cpu", "--device", "cuda with --gpus-per-worker > 0", device)
+    return engine, device

@@ -10,11 +10,13 @@ from klip_med.cli.common import (
     RUN_DEFAULTS,
     Deprecated,
     add_block_size_flag,
+    add_engine_flags,
     add_sampler_flags,
     add_windows_flag,
+    engine_from_args,
     settings_from_args,
 )
-from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS, SHIFTS
+from klip_med.eval.names import BASELINES, DEFAULT_WINDOWS, READOUTS, SHIFTS
 
 EVAL_DEFAULTS = RUN_DEFAULTS
 """``klip-med eval`` evaluates the map ``klip-med run`` makes: the same sampler defaults, the run's
@@ -44,6 +46,7 @@ def run_command(args: argparse.Namespace) -> int:
     from klip_med.eval.baselines import BaselineSettings
     from klip_med.eval.runner import run_benchmark
 
+    engine, device = engine_from_args(args)
     block_sizes = args.block_size
     settings = replace(settings_from_args(args, EVAL_DEFAULTS), block_size=block_sizes[0], top_k=args.top_k)
     baselines = BaselineSettings(anoddpm_t=args.anoddpm_t, anoddpm_steps=args.anoddpm_steps,
@@ -55,10 +58,11 @@ def run_command(args: argparse.Namespace) -> int:
     results = run_benchmark(
         args.manifest, args.data_root, args.prior, args.physics, args.split, settings, args.max_patients,
         args.max_slices, args.out, windows=args.windows, baselines=baselines, lesions=args.lesions,
-        device=args.device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
+        device=device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
         pixel_spacing_mm=args.pixel_spacing_mm, command="klip-med " + shlex.join(sys.argv[1:]),
         null=args.null, null_windows=args.null_windows, null_conditioning=args.null_conditioning,
         ct_lesions=args.ct_lesions, allow_calibration_overlap=args.allow_calibration_overlap, shift=args.shift,
+        readouts=tuple(args.readouts), engine=engine,
     )
     from klip_med.eval.results import markdown_table
 
@@ -110,6 +114,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "HU), texture (same mean, other texture), star (the KLIP paper's star), metal (CT only); "
                         "recorded in results.json; one kind per --out")
     p.add_argument("--pixel-spacing-mm", type=float, help="for inserted lesions when files carry no spacing")
+    p.add_argument("--readouts", nargs="*", default=[], choices=READOUTS, metavar="READOUT",
+                   help="further KLIP read-outs of the same sampling pass: denoised (the KL split over pixels by "
+                        "the prior's denoiser, klip_dn[<window>] rows, one extra forward per step), tstat (a "
+                        "t-statistic over the posterior samples, klip_t[<window>] rows, free)")
     p.add_argument("--skip", nargs="*", default=[], choices=BASELINES, metavar="BASELINE",
                    help=f"baselines not to compute ({', '.join(BASELINES)})")
     p.add_argument("--anoddpm-t", type=float, default=0.25, help="AnoDDPM re-noising time t/(T-1) (default 0.25)")
@@ -129,6 +137,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="MONAI likelihood: timesteps evenly spaced over [1, T-1] (default 25)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--metrics-only", action="store_true", help="no sampling: summarise the cached slices")
+    add_engine_flags(p, "slice")
     p.add_argument("--null", default="auto",
                    help="the null-calibrated row klip_z[...] (the default map of `klip-med run`): 'auto' (the model "
                         "shipped with the prior for these settings, as run; default), a null model file from "

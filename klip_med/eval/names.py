@@ -15,3 +15,8 @@ DEFAULT_WINDOWS = ("t:0.1,1", *(f"t:{k / 10:g},{(k + 1) / 10:g}" for k in range(
 """The windows of ``klip-med run`` (:data:`klip_med.pipeline.RUN_WINDOWS`, written out here so that
 ``klip-med --help`` needs no torch import; a test keeps them equal): the default of ``klip-med eval``
 (normalised diffusion time u = t / (T - 1); 0 = clean end)."""
+
+READOUTS = ("denoised", "tstat")
+"""Further KLIP read-outs of the sampling pass (``klip-med eval --readouts``; :mod:`klip_med.eval.readouts`):
+``denoised`` rows ``klip_dn[<window>]`` (the KL split over pixels by the denoiser), ``tstat`` rows
+``klip_t[<window>]`` (a t-statistic over the posterior samples)."""

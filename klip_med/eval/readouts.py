@@ -16,10 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from klip_med.errors import expect
+from klip_med.eval.names import READOUTS
 from klip_med.score import KLIPAccumulator
-
-READOUTS = ("denoised", "tstat")
-"""The read-outs :func:`readout_observers` knows."""
 T_FLOOR = 1e-12
 """Added to the standard error of the t-statistic (a pixel with no KL in any sample gets 0)."""
 

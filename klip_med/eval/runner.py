@@ -29,9 +29,9 @@ import torch
 
 from klip_med import pipeline
 from klip_med.data.manifest import Manifest, read_manifest
-from klip_med.data.selection import EvalSlice, select_slices, slice_seed
-from klip_med.errors import KLIPMedError
-from klip_med.eval.baselines import BaselineSettings, compute_baselines
+from klip_med.data.selection import EvalSlice, select_slices
+from klip_med.errors import KLIPMedError, expect
+from klip_med.eval.baselines import BaselineSettings
 from klip_med.eval.cache import (
     CachedSlice,
     cached_fingerprint,
@@ -42,12 +42,14 @@ from klip_med.eval.cache import (
 )
 from klip_med.eval.null_rates import calibration_rates
 from klip_med.eval.nulls import add_null_maps, method_name, null_models, plan_null
+from klip_med.eval.names import READOUTS
 from klip_med.eval.posthoc import PostHoc
+from klip_med.eval.slice_run import SliceWorker
 from klip_med.eval.results import roc_figure, write_results
 from klip_med.eval.summary import REFERENCES, summarise
 from klip_med.pipeline import KLIPSettings, parse_window
+from klip_med.pipeline.engine import EngineOptions, run_items
 from klip_med.priors.identity import prior_identity
-from klip_med.score import KLIPAccumulator
 from klip_med.score.windows import Window
 
 
@@ -60,61 +62,6 @@ def _windows(specs: Sequence[str], prior, steps: int) -> tuple[Window, ...]:
     return windows
 
 
-def method_prefix(normalization: str) -> str:
-    """Name prefix of our KLIP rows: ``klip`` (transition, nats) or ``klip_<normalisation>``."""
-    return "klip" if normalization == "transition" else f"klip_{normalization}"
-
-
-def process_slice(prior, physics_spec: str, item: EvalSlice, settings: KLIPSettings,
-                  baselines: BaselineSettings, device: torch.device,
-                  feature_density=None) -> tuple[dict[str, np.ndarray], dict, np.ndarray, np.ndarray]:
-    """Simulate, sample once, compute KLIP maps and baselines for one slice.
-
-    ``feature_density`` is the fitted ID density of the ``cfs`` baseline (None if it is skipped).
-
-    Returns:
-        ``(maps, meta, body_mask, images)``: maps name -> (H, W) float32; meta with ``sampling``
-        (settings, NFE, seconds) and ``costs`` per baseline; body_mask (H, W) bool; images
-        (4, H, W): truth, baseline, posterior mean, posterior std.
-    """
-    from klip_med.physics import parse_physics
-
-    seed = slice_seed(settings.seed, item.seed_key)
-    size = int(prior.image_shape[-1])
-    physics = parse_physics(physics_spec, size, generator=torch.Generator(device=device).manual_seed(seed),
-                            device=device)
-    truth = torch.from_numpy(item.image).to(device, torch.float32).reshape(1, *prior.image_shape)
-    with torch.no_grad():
-        y = physics(truth)
-    run_settings = replace(settings, seed=seed)
-    paper = None if settings.normalization == "paper" else KLIPAccumulator(settings.windows, normalization="paper")
-    result = pipeline.reconstruct_measurement(prior, physics, y, run_settings, observers=[paper] if paper else ())
-    maps: dict[str, np.ndarray] = {}
-    prefix = method_prefix(settings.normalization)
-    for k, w in enumerate(settings.windows):
-        maps[f"{prefix}[{w.label}]"] = result.klip[k].numpy().astype(np.float32)
-    if paper is not None:
-        paper_maps = paper.result().sample_mean().detach().cpu()
-        for k, w in enumerate(settings.windows):
-            maps[f"klip_paper[{w.label}]"] = paper_maps[k].numpy().astype(np.float32)
-    generator = torch.Generator(device=device).manual_seed(seed + 2)
-    costs = {}
-    for name, m in compute_baselines(prior, physics, y, result, generator, baselines, feature_density).items():
-        if m.pixel_map is not None:
-            maps[name] = np.asarray(m.pixel_map, dtype=np.float32)
-        costs[name] = {"nfe": m.nfe, "seconds": m.seconds, "native_score": m.native_score, "info": m.info}
-    nfe_per_sample = int(result.metadata["network_calls"])
-    meta = {
-        "seed": seed,
-        "sampling": {"nfe_per_image": nfe_per_sample * settings.samples, "seconds": result.metadata["seconds"],
-                     "klip": result.metadata["klip"],
-                     "note": "DPS adds one backward pass per forward" if settings.sampler == "dps" else ""},
-        "costs": costs,
-    }
-    images = np.stack([item.image, result.baseline.numpy(), result.recon_mean.numpy(), result.recon_std.numpy()])
-    return maps, meta, result.body_mask.numpy().astype(bool), images
-
-
 def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None, prior, physics_spec: str,
                   split: str, settings: KLIPSettings, max_patients: int | None, max_slices_per_patient: int,
                   out_dir: str | Path, *, windows: Sequence[str] | None = None,
@@ -125,7 +72,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
                   log: Callable[[str], None] | None = print, null: str | Path | None = None,
                   null_windows: Sequence[str] | None = None, null_conditioning: str = "auto",
                   ct_lesions: str = "soft-tissue", allow_calibration_overlap: bool = False,
-                  prior_reference: str | Path | None = None, shift: str | None = None) -> dict:
+                  prior_reference: str | Path | None = None, shift: str | None = None,
+                  readouts: Sequence[str] = (), engine: EngineOptions | None = None) -> dict:
     """Run (or resume) a benchmark and write its results.
 
     Args:
@@ -166,12 +114,20 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
             (:mod:`klip_med.data.selection`, rule 5).
         shift: with ``lesions="inserted"``, the inserted shift kind (:data:`klip_med.eval.names.SHIFTS`,
             :mod:`klip_med.data.selection` rule 6); recorded in ``results.json``. One kind per run.
+        readouts: further KLIP read-outs of the same sampling pass (:data:`klip_med.eval.readouts.READOUTS`),
+            rows ``klip_dn[<window>]`` / ``klip_t[<window>]``; part of the slice fingerprint.
+        engine: where the slices to sample run (:class:`~klip_med.pipeline.engine.EngineOptions`;
+            default in this process). Ray workers load the prior by name / folder when it was given as
+            one (else receive the loaded prior), sample, and send the maps back; this process adds the
+            post-hoc baselines and writes the cache, so results equal a local run's, whatever the order.
 
     Returns:
         the results dict of the first block size (as written to ``results.json``).
     """
     say = log or (lambda _msg: None)
     baselines = baselines or BaselineSettings()
+    engine = engine or EngineOptions()
+    prior_source = prior  # what a Ray worker loads (a name / folder), or the loaded prior itself
     device = torch.device(device)
     out = Path(out_dir)
     if isinstance(manifest, (str, Path)):
@@ -198,11 +154,16 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         mode = f"inserted ({ct_lesions})"
     prior_id = prior_identity(prior)
     sampling = {k: v for k, v in settings.describe().items() if k not in ("top_k", "block_size")}  # post hoc
+    readouts = sorted(set(readouts))
+    expect(all(r in READOUTS for r in readouts), "readouts", f"some of {list(READOUTS)}", readouts)
+    if readouts:  # absent otherwise, so caches made before read-outs existed stay valid
+        sampling["readouts"] = readouts
     post = PostHoc(manifest, prior, prior_reference, physics_spec, sampling, prior_id["weights_sha256"], baselines,
                    device, settings.seed, min_body_fraction, say)  # sampling fingerprint; post-hoc baselines apart
     folder = out / "slices"
     folder.mkdir(parents=True, exist_ok=True)
-    entries: list[CachedSlice] = []
+    found: dict[int, CachedSlice] = {}
+    todo: dict[str, tuple[int, EvalSlice, Path, dict]] = {}
     computed = skipped = 0
     start = time.perf_counter()
     for n, item in enumerate(slices):
@@ -215,21 +176,34 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
                 write_slice(path, stored)
                 say(f"[{n + 1}/{len(slices)}] {item.key}: added {', '.join(added)} from the cached posterior mean "
                     f"({time.perf_counter() - t0:.1f} s)")
-            entries.append(replace(cached, meta={**cached.meta, "info": item.info}))  # today's selection info
-            continue
-        if metrics_only:
+            found[n] = replace(cached, meta={**cached.meta, "info": item.info})  # today's selection info
+        elif metrics_only:
             skipped += 1
-            continue
-        t0 = time.perf_counter()
-        maps, meta, body, images = process_slice(prior, physics_spec, item, settings, post.in_run, device)
+        else:
+            todo[item.key] = (n, item, path, stamp)
+
+    def finished(outcome) -> None:  # on this process, as each slice comes back from its worker
+        n, item, path, stamp = todo[outcome.key]
+        if not outcome.ok:
+            say(f"[{n + 1}/{len(slices)}] {item.key}: FAILED on {outcome.worker}: {outcome.error}")
+            return
+        maps, meta, body, images = outcome.value
         meta.update({"fingerprint": stamp, "info": item.info})
         entry = CachedSlice(item.key, item.patient, item.label, maps, item.lesion, body, images, meta)
-        stored, entry, _ = post.complete(entry, stamp)
+        stored, found[n], _ = post.complete(entry, stamp)
         write_slice(path, stored)
-        entries.append(entry)
-        computed += 1
-        say(f"[{n + 1}/{len(slices)}] {item.key} ({'OOD' if item.label else 'ID'}): "
-            f"{time.perf_counter() - t0:.1f} s")  # printed with flush (a log file shows progress)
+        say(f"[{n + 1}/{len(slices)}] {item.key} ({'OOD' if item.label else 'ID'}): {outcome.seconds:.1f} s"
+            + ("" if engine.engine == "local" else f" on {outcome.worker}"))  # flushed: a log file shows progress
+
+    worker = SliceWorker(prior_source if engine.engine == "ray" else prior, physics_spec, settings, post.in_run,
+                         str(device), tuple(readouts))
+    outcomes = run_items(worker, [(key, item) for key, (_, item, _, _) in todo.items()], engine, finished)
+    failed = [o for o in outcomes if not o.ok]
+    computed = len(outcomes) - len(failed)
+    if failed:  # the others are cached: a rerun samples only these
+        raise KLIPMedError(f"{len(failed)} of {len(outcomes)} slices failed ({computed} cached for a rerun); "
+                           f"first: {failed[0].key}: {failed[0].error}")
+    entries = [found[n] for n in sorted(found)]  # the selection's order, whatever order workers finished in
     say(f"{computed} slices computed, {len(entries) - computed} from cache, {skipped} missing "
         f"({time.perf_counter() - start:.1f} s)")
     if not entries:

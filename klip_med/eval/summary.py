@@ -75,7 +75,7 @@ def block_maps(entry: CachedSlice, name: str, block_size: int) -> np.ndarray | N
         return centrality_blocks(entry.lesion.shape, block_size)
     if name in NATIVE:
         return None
-    return pool_blocks(torch.from_numpy(np.asarray(entry.maps[name], dtype=np.float32)), block_size).densities.numpy()
+    return pool_blocks(torch.from_numpy(np.array(entry.maps[name], dtype=np.float32)), block_size).densities.numpy()
 
 
 def _cost(entries: Sequence[CachedSlice], name: str) -> dict:

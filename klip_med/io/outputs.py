@@ -291,8 +291,10 @@ def one_line(summary: dict[str, Any]) -> str:
     tail = f"; {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
     in_slice = f" (slice {score['slice']})" if volume else ""
     verdict = ""
-    if summary.get("null", {}).get("volume_p") is not None:
-        what = "volume" if volume else "slice"
-        verdict = f"; {what} p {summary['null']['volume_p']:.2g} (healthy {what}s this extreme)"
+    null = summary.get("null", {})
+    if volume and null.get("volume_p") is not None:
+        verdict = f"; volume p {null['volume_p']:.2g} (healthy volumes this extreme)"
+    elif not volume and (null.get("slice_p") or [None])[0] is not None:  # one slice: its own slice_p
+        verdict = f"; slice p {null['slice_p'][0]:.2g} (healthy slices this extreme)"
     return (f"image score {score['max_nats_per_pixel']:.3g} nats/pixel{in_slice}; top {size}x{size} blocks "
             f"(row, col on the working grid) {', '.join(parts)}{verdict}{tail}")

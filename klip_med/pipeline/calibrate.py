@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +38,45 @@ from klip_med.calibration.fit import fit_null
 from klip_med.calibration.null_model import NullModel
 from klip_med.calibration.scoring import result_blocks
 from klip_med.errors import KLIPMedError, expect
+from klip_med.pipeline.engine import EngineOptions, run_items
 from klip_med.pipeline.reconstruct import reconstruct_image
 from klip_med.pipeline.settings import KLIPSettings
+
+
+@dataclass(frozen=True)
+class CalibrationWorker:
+    """``make_worker`` of :func:`klip_med.pipeline.engine.run_items` for calibration images: loads the
+    prior once per worker (a name / folder on ``device``; a loaded prior as it is) and returns the item
+    function ``(k, image)`` -> :func:`~klip_med.calibration.scoring.result_blocks` of image ``k``
+    reconstructed with seed ``settings.seed + 1000 * k``."""
+
+    prior: Any
+    physics_spec: str
+    settings: KLIPSettings
+    device: str
+
+    def __call__(self):
+        prior = self.prior
+        if isinstance(prior, (str, Path)):
+            from klip_med.priors import load
+
+            prior = load(prior, device=self.device)
+
+        def run(item):
+            k, image = item
+            img = torch.as_tensor(np.asarray(image, dtype=np.float32))
+            result, _ = reconstruct_image(prior, img, self.physics_spec,
+                                          replace(self.settings, seed=self.settings.seed + 1000 * k), self.device)
+            return result_blocks(result, self.settings.block_size)
+
+        return run
 
 
 def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: Sequence[np.ndarray] | torch.Tensor,
                      source: str, conditioning: str = "auto", device: str | torch.device = "cpu",
                      log: Callable[[str], None] | None = print, groups: Sequence[str] | None = None,
-                     fingerprints: Sequence[dict] = (), spread: str = "predictive") -> NullModel:
+                     fingerprints: Sequence[dict] = (), spread: str = "predictive",
+                     engine: EngineOptions | None = None, prior_source: str | Path | None = None) -> NullModel:
     """Measure and reconstruct ID images, then fit the null model on their in-body blocks.
 
     Args:
@@ -56,18 +89,30 @@ def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: S
         spread: the per-position spread estimator (:data:`klip_med.calibration.families.SPREADS`).
         settings: as used for the images to be scored (the model covers all its windows); image ``k`` is measured and sampled with
             seed ``settings.seed + 1000 * k`` (independent operator draws and noise).
+        engine: where the images are reconstructed (default: in this process, in order); with Ray each
+            worker loads ``prior_source`` (the prior's name / folder; default: the loaded prior is sent).
+            The model is the same whatever the engine: each image has its own seed.
     """
     say = log or (lambda _m: None)
     expect(len(images) >= 2, "images", "at least 2 in-distribution images", len(images))
-    blocks = []
+    engine = engine or EngineOptions()
     start = time.perf_counter()
-    for k, image in enumerate(images):
-        t0 = time.perf_counter()
-        img = torch.as_tensor(np.asarray(image, dtype=np.float32))
-        result, _ = reconstruct_image(prior, img, physics_spec, replace(settings, seed=settings.seed + 1000 * k), device)
-        blocks.append(result_blocks(result, settings.block_size))
-        say(f"[{k + 1}/{len(images)}] calibration image: {time.perf_counter() - t0:.1f} s")
-    densities, covariates, insides = zip(*blocks, strict=True)
+    blocks: dict[int, tuple] = {}
+
+    def finished(outcome) -> None:
+        k = int(outcome.key)
+        if outcome.ok:
+            blocks[k] = outcome.value
+            say(f"[{len(blocks)}/{len(images)}] calibration image {k + 1}: {outcome.seconds:.1f} s")
+
+    worker = CalibrationWorker(prior_source if engine.engine == "ray" and prior_source is not None else prior,
+                               physics_spec, settings, str(device))
+    outcomes = run_items(worker, [(str(k), (k, image)) for k, image in enumerate(images)], engine, finished)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise KLIPMedError(f"calibration: {len(failed)} of {len(images)} images failed; first, image "
+                           f"{int(failed[0].key) + 1}: {failed[0].error}")
+    densities, covariates, insides = zip(*(blocks[k] for k in range(len(images))), strict=True)
     null = fit_null(densities, covariates, insides, null_conditions(prior, physics_spec, settings), source,
                     conditioning, groups, fingerprints=fingerprints, spread=spread)
     null.extra["seconds"] = round(time.perf_counter() - start, 1)
