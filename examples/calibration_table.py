@@ -26,7 +26,9 @@ from klip_med.pipeline.settings import CALIBRATED_WINDOWS
 
 
 def _cell(rate: dict) -> str:
-    ci = rate["ci"]
+    ci, units = rate["ci"], rate.get("per_patient")
+    if ci[0] is None and units:  # too few patients for an interval: each one's value
+        return f"{rate['observed']:.3f} (per unit " + " / ".join(f"{v:.3f}" for v in units.values()) + ")"
     return f"{rate['observed']:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 

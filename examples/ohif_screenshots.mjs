@@ -89,6 +89,7 @@ async function goToSliceAndMeasure(page) {
     for (let i = 0; i < n; i++) {
       await cs.utilities.jumpToSlice(vp.element, { imageIndex: i });
       vp.render();
+      await new Promise(r => setTimeout(r, 300));  // the camera follows the jump asynchronously
       const d = distance();
       if (d < best[0]) best = [d, i];
     }

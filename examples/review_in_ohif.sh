@@ -8,7 +8,9 @@
 #   examples/review_in_ohif.sh --case mri           # the bundled FLAIR slice with a glioma (MRI demo case)
 #   examples/review_in_ohif.sh --screenshots DIR    # headless Chromium: DIR/ohif_{source,seg,pm}.png, then stop
 #   SAMPLES=4 STEPS=50 NULL=auto examples/review_in_ohif.sh   # sampling settings and null model
-#                                                   (default 1 sample, 3 steps, no null model: seconds)
+#                                                   (default 1 sample, 3 steps, no null model: seconds;
+#                                                   without a null the SEG is the uncalibrated p95 mask,
+#                                                   THRESHOLD=... sets any --threshold rule)
 #
 # Needs: apt-get install -y orthanc orthanc-dicomweb (and chromium for --screenshots); node + npm (the
 # npm registry once, for .viewer/). Everything listens on 127.0.0.1; every process started is stopped
@@ -90,6 +92,7 @@ EOF
 # pull, reconstruct + score, push
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$KLIP" run --input "$BASE/dicom-web/studies/$STUDY/series/$SERIES" \
   --push "$BASE/dicom-web" "${ARGS[@]}" --samples "${SAMPLES:-1}" --steps "${STEPS:-3}" --null "${NULL:-none}" \
+  --threshold "${THRESHOLD:-$([ "${NULL:-none}" = none ] && echo p95 || echo auto)}" \
   --out "$WORK/out" --no-progress
 
 # the viewer, same origin as the PACS's DICOMweb (examples/serve_ohif.py forwards /dicom-web)

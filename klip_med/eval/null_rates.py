@@ -11,7 +11,8 @@ model file fitted on other patients, or leave-one-patient-out), the observed rat
   together as one (short) volume, get any flag under ``fwer:0.05`` (what ``klip-med run`` writes
   into the SEG by default).
 
-Each comes with a per-patient bootstrap interval (eval.metrics.patient_bootstrap).
+Each comes with a per-patient bootstrap interval (eval.metrics.patient_bootstrap), or, with fewer than
+:data:`~klip_med.eval.metrics.MIN_INTERVAL_UNITS` patients, none and each patient's own rate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from klip_med.calibration.levels import benjamini_hochberg
 from klip_med.eval.cache import CachedSlice
-from klip_med.eval.metrics import patient_bootstrap
+from klip_med.eval.metrics import interval_rule, patient_bootstrap, per_unit
 
 BLOCK_RATES = (0.01, 0.05)
 FAMILY_RATE = 0.05
@@ -38,15 +39,22 @@ def _scored(ids: Sequence[CachedSlice], models: Mapping[str, object], blocks: Ma
     return out
 
 
-def _rate(values: np.ndarray, patients: list[str], n_boot: int, seed: int, weights: np.ndarray | None = None) -> dict:
+def observed_rate(values: np.ndarray, patients: list[str], n_boot: int, seed: int, weights: np.ndarray | None = None) -> dict:
+    """The (weighted) mean of ``values`` (0/1 flags) with its per-patient bootstrap interval, or with too
+    few patients no interval and each patient's own rate (``per_patient``)."""
     values = np.asarray(values, dtype=np.float64)
     w = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
 
     def stat(idx: np.ndarray) -> float:
         return float((values[idx] * w[idx]).sum() / max(w[idx].sum(), 1e-12))
 
+    observed = stat(np.arange(values.size))
+    reason = interval_rule(patients)
+    if reason is not None:  # too few patients for an interval that means something: each one's rate
+        return {"observed": observed, "ci": [None, None], "n": int(values.size), "interval": reason,
+                "per_patient": per_unit(stat, patients)}
     ci = patient_bootstrap(stat, patients, n_boot, seed)
-    return {"observed": stat(np.arange(values.size)), "ci": ci.as_list(), "n": int(values.size)}
+    return {"observed": observed, "ci": ci.as_list(), "n": int(values.size), "interval": None}
 
 
 def calibration_rates(ids: Sequence[CachedSlice], models: Mapping[str, object], blocks: Mapping[str, tuple],
@@ -66,7 +74,7 @@ def calibration_rates(ids: Sequence[CachedSlice], models: Mapping[str, object], 
     out["rates"] = {}
     for a in BLOCK_RATES:
         hits = np.array([float((s["z"] >= s["model"].z_threshold(a)).sum()) for s in scored])
-        rate = _rate(hits / np.maximum(counts, 1), patients, n_boot, seed, weights=counts)
+        rate = observed_rate(hits / np.maximum(counts, 1), patients, n_boot, seed, weights=counts)
         out["rates"][f"{a:g}"] = {**rate, "nominal": a, "unit": "block"}
     fwer = np.array([float(s["n"] > 0 and (s["z"] >= s["model"].family_threshold(FAMILY_RATE, s["n"])).any())
                      for s in scored])
@@ -74,13 +82,13 @@ def calibration_rates(ids: Sequence[CachedSlice], models: Mapping[str, object], 
     fdr = np.array([float(benjamini_hochberg(s["model"].p_values(s["z"]), FAMILY_RATE).any()) for s in scored])
     slice_p = np.array([float(s["model"].family_p(s["z"].max(), s["n"])) if s["n"] else 1.0 for s in scored])
     out["slice"] = {
-        f"fwer-slice:{FAMILY_RATE:g}": {**_rate(fwer, patients, n_boot, seed), "nominal": FAMILY_RATE,
+        f"fwer-slice:{FAMILY_RATE:g}": {**observed_rate(fwer, patients, n_boot, seed), "nominal": FAMILY_RATE,
                                         "unit": "slice with any flag"},
-        f"fdr-slice:{FAMILY_RATE:g}": {**_rate(fdr, patients, n_boot, seed), "nominal": FAMILY_RATE,
+        f"fdr-slice:{FAMILY_RATE:g}": {**observed_rate(fdr, patients, n_boot, seed), "nominal": FAMILY_RATE,
                                        "unit": "slice with any flag (a healthy slice has only false discoveries)"},
-        f"slice_p<={FAMILY_RATE:g}": {**_rate((slice_p <= FAMILY_RATE).astype(float), patients, n_boot, seed),
+        f"slice_p<={FAMILY_RATE:g}": {**observed_rate((slice_p <= FAMILY_RATE).astype(float), patients, n_boot, seed),
                                       "nominal": FAMILY_RATE, "unit": "slice"},
-        "fpr:0.01": {**_rate(per_block, patients, n_boot, seed), "nominal": None,
+        "fpr:0.01": {**observed_rate(per_block, patients, n_boot, seed), "nominal": None,
                      "unit": "slice with any flag under the per-block rule (the first round's default SEG rule)"},
     }
     volumes, sizes = [], []
@@ -91,7 +99,7 @@ def calibration_rates(ids: Sequence[CachedSlice], models: Mapping[str, object], 
         volumes.append(float(n > 0 and (z >= mine[0]["model"].family_threshold(FAMILY_RATE, n, volume=True)).any()))
         sizes.append(len(mine))
     out["volume"] = {f"fwer:{FAMILY_RATE:g}": {
-        **_rate(np.array(volumes), sorted(set(patients)), n_boot, seed), "nominal": FAMILY_RATE,
+        **observed_rate(np.array(volumes), sorted(set(patients)), n_boot, seed), "nominal": FAMILY_RATE,
         "unit": "patient with any flag", "slices_per_volume": [int(min(sizes)), int(max(sizes))],
         "note": "a volume is the patient's lesion-free slices of this run (not contiguous)"}}
     return out

@@ -77,8 +77,10 @@ def dataset_difference_table(results: Mapping) -> str:
 
 
 def _rate(entry: Mapping) -> str:
-    ci = entry.get("ci", [None, None])
+    ci, per = entry.get("ci", [None, None]), entry.get("per_patient")
     interval = "" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    if ci[0] is None and per:  # too few patients for an interval
+        interval = _per_patient(list(per.values()))
     nominal = "no nominal rate" if entry.get("nominal") is None else f"nominal {entry['nominal']:g}"
     return f"{entry['observed']:.3f}{interval} ({nominal})"
 
