@@ -416,3 +416,42 @@ def test_ray_engine_bounds_the_retries_of_an_item_that_kills_its_worker(local_ra
     assert [by_key[k].value for k in "abc"] == [2, 6, 8] and all(by_key[k].ok for k in "abc")
     assert by_key["crash"].error.startswith("its worker died 2 times on this item")
     assert by_key["crash"].value is None
+
+
+def test_series_urls_in_a_list_are_read_with_the_batch_credential_never_written(tiny_prior, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A list of DICOMweb series URLs: --auth reaches every worker; without it the 401 is that series'
+    error in the index; the secret is in no output file and on no console line."""
+    import pydicom
+    from orthanc_server import MISSING, assert_stopped, start_orthanc
+
+    if MISSING:
+        pytest.skip(MISSING)
+    ct5n = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    secret = "batch-s3cr3t-password"
+    server = start_orthanc(tmp_path / "orthanc", users={"klip": secret})
+    try:
+        server.upload(sorted(ct5n.iterdir()))
+        first = pydicom.dcmread(next(iter(sorted(ct5n.iterdir()))), stop_before_pixels=True)
+        url = f"{server.dicomweb}/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+        listing = tmp_path / "series.txt"
+        listing.write_text(url + "\n")
+        assert main(_batch_args(listing, tiny_prior, tmp_path / "open")) == 2  # no credential: that series fails
+        rows, summary = _index(tmp_path / "open")
+        (row,) = rows.values()
+        assert row["status"] == "failed" and "HTTP 401" in row["error"] and summary["failed"] == 1
+        monkeypatch.setenv("KLIP_TEST_BATCH_AUTH", f"klip:{secret}")
+        out = tmp_path / "auth"
+        assert main(_batch_args(listing, tiny_prior, out, "--auth", "basic:env:KLIP_TEST_BATCH_AUTH",
+                                "--retries", "0")) == 0
+        rows, summary = _index(out)
+        (row,) = rows.values()
+        assert row["status"] == "done" and row["slices"] == 5 and summary["done"] == 1
+        for f in out.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
+        printed = capsys.readouterr()
+        assert secret not in printed.out and secret not in printed.err
+    finally:
+        server.stop()
+        assert_stopped(server)

@@ -9,11 +9,13 @@ from pathlib import Path
 from klip_med.cli.common import (
     RUN_DEFAULTS,
     add_block_size_flag,
+    add_dicomweb_access_flags,
     add_engine_flags,
     add_sampler_flags,
     add_windows_flag,
     check_out_folder,
     check_physics,
+    dicomweb_options,
     engine_from_args,
     settings_from_args,
 )
@@ -47,7 +49,7 @@ def run_command(args: argparse.Namespace) -> int:
     inputs = read_batch_inputs(args.inputs, args.data_root, args.split)
     network = {k: True for k in ("channels_last", "bf16") if getattr(args, k)}
     lines = run_batch(inputs, prior, args.prior, options, out, engine, progress=not args.no_progress,
-                      network=network)
+                      network=network, dicomweb=dicomweb_options(args))
     counts = {s: sum(line["status"] == s for line in lines) for s in STATUSES}
     print(f"{out / INDEX}: {len(lines)} inputs, " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     expect(counts["failed"] == 0 and counts["pending"] == 0, "--inputs", "every series to finish",
@@ -83,6 +85,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                       "(the same path on every Ray node)")
     batch.add_argument("--out", required=True, help="output folder (a rerun resumes in it; shared by every Ray node)")
     engine = add_engine_flags(batch, "series")
+    add_dicomweb_access_flags(batch.add_argument_group("DICOMweb inputs (series URLs in the list)"))
     engine.add_argument("--data-root", help="data manifests: the folder its files are relative to "
                                             "(default $KLIP_MED_DATA_ROOT)")
     engine.add_argument("--split", choices=["train", "dev", "test"], help="data manifests: one split (default all)")

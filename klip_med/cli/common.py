@@ -217,3 +217,27 @@ def engine_from_args(args: argparse.Namespace):
         device = check_device(args.device)
     expect(engine.gpus_per_worker == 0 or device != "cpu", "--device", "cuda with --gpus-per-worker > 0", device)
     return engine, device
+
+
+def add_dicomweb_access_flags(group) -> None:
+    """``--auth``, ``--ca-bundle``, ``--timeout``, ``--retries``: how DICOMweb URLs are reached."""
+    group.add_argument("--auth", metavar="SPEC",
+                       help="credential for DICOMweb URLs, read from where SPEC says, never given here: "
+                            "bearer:env:VAR | bearer:file:PATH (a token) | basic:env:VAR | basic:file:PATH "
+                            "('user:password'); never printed or written to summary.json")
+    group.add_argument("--ca-bundle", metavar="PEM",
+                       help="trusted CA certificates for https (default: the system's; TLS is always verified)")
+    group.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds to wait for a connection and for each answer (default 60)")
+    group.add_argument("--retries", type=int, default=3,
+                       help="further tries of a request that failed to connect or got 408/429/502/503/504, with "
+                            "exponential back-off from 0.5 s (default 3)")
+
+
+def dicomweb_options(args: argparse.Namespace):
+    """``DicomWebOptions`` from :func:`add_dicomweb_access_flags`' flags (the credential is read now)."""
+    from klip_med.io.dicomweb import DicomWebOptions, read_credential
+
+    credential = read_credential(args.auth) if args.auth else None
+    return DicomWebOptions(credential=credential, ca_bundle=args.ca_bundle, timeout_s=args.timeout,
+                           retries=args.retries)

@@ -10,24 +10,17 @@ from pathlib import Path
 from klip_med.cli.common import (
     RUN_DEFAULTS,
     add_block_size_flag,
+    add_dicomweb_access_flags,
     add_sampler_flags,
     add_windows_flag,
     check_device,
     check_out_folder,
     check_physics,
+    dicomweb_options,
     print_outputs,
     settings_from_args,
 )
 from klip_med.errors import KLIPMedError, expect
-
-
-def dicomweb_options(args: argparse.Namespace):
-    """``DicomWebOptions`` from --auth / --ca-bundle / --timeout / --retries (credential read now)."""
-    from klip_med.io.dicomweb import DicomWebOptions, read_credential
-
-    credential = read_credential(args.auth) if args.auth else None
-    return DicomWebOptions(credential=credential, ca_bundle=args.ca_bundle, timeout_s=args.timeout,
-                           retries=args.retries)
 
 
 def push_outputs(args: argparse.Namespace, summary: dict, out: Path, options) -> None:
@@ -132,16 +125,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="after the outputs are written, store every DICOM object (derived series, Parametric "
                           "Map, SEG, Secondary Capture) on this DICOMweb root with STOW-RS, e.g. "
                           "https://pacs/dicom-web; a failed push leaves the local outputs and says what was not sent")
-    web.add_argument("--auth", metavar="SPEC",
-                     help="credential for --input / --push URLs, read from where SPEC says, never given here: "
-                          "bearer:env:VAR | bearer:file:PATH (a token) | basic:env:VAR | basic:file:PATH "
-                          "('user:password'); never printed or written to summary.json")
-    web.add_argument("--ca-bundle", metavar="PEM",
-                     help="trusted CA certificates for https (default: the system's; TLS is always verified)")
-    web.add_argument("--timeout", type=float, default=60.0,
-                     help="seconds to wait for a connection and for each answer (default 60)")
-    web.add_argument("--retries", type=int, default=3,
-                     help="further tries of a request that failed to connect or got 408/429/502/503/504, with "
-                          "exponential back-off from 0.5 s (default 3)")
+    add_dicomweb_access_flags(web)
     run.set_defaults(run=run_command)
     return run

@@ -117,6 +117,8 @@ class SeriesJob:
         out: the batch's output folder.
         network: opt-in network execution (:meth:`~klip_med.priors.diffusion.DiffusionPrior.set_execution`:
             ``channels_last``, ``bf16``); empty: as ``run``, bit for bit.
+        dicomweb: how series URLs are reached (credential, TLS, timeout, retries;
+            :class:`~klip_med.io.dicomweb.DicomWebOptions`, whose secret never shows in a repr), or None.
     """
 
     prior_reference: str
@@ -125,6 +127,7 @@ class SeriesJob:
     options: RunOptions
     out: str
     network: tuple[tuple[str, bool], ...] = ()
+    dicomweb: Any = None
 
     def __call__(self) -> Callable[[tuple[BatchInput, str]], dict[str, Any]]:
         return SeriesRunner(self)
@@ -154,7 +157,7 @@ class SeriesRunner:
         if folder.is_dir():
             remove_stale_temporaries(folder)
         started = time.perf_counter()
-        run_input = load_input(inp, self.prior)
+        run_input = load_input(inp, self.prior, self.job.dicomweb)
         summary = run_volume(
             run_input, self.prior, self.job.options, folder, prior_reference=self.job.prior_reference,
             progress=False, title=f"klip-med run: {Path(inp.location).name}",
@@ -195,6 +198,7 @@ def run_batch(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     network: dict[str, bool] | None = None,
+    dicomweb=None,
 ) -> list[dict[str, Any]]:
     """Run every input not finished yet (module docstring) and keep ``OUT/index.jsonl`` current.
 
@@ -208,6 +212,7 @@ def run_batch(
         progress: a progress bar over series on stderr (when it is a terminal).
         echo: called with one line per series as it ends (default: print to stdout, flushed).
         network: opt-in network execution options (:class:`SeriesJob`; ``summary.json`` records them).
+        dicomweb: how series URLs in ``inputs`` are reached (:class:`SeriesJob`).
 
     Returns:
         The index lines, in input order.
@@ -263,7 +268,8 @@ def run_batch(
 
     try:
         location = prior_reference if prior_reference in available() else str(Path(prior_reference).resolve())
-        job = SeriesJob(prior_reference, location, weights, options, str(out), tuple(sorted((network or {}).items())))
+        job = SeriesJob(prior_reference, location, weights, options, str(out), tuple(sorted((network or {}).items())),
+                        dicomweb)
         run_items(job, work, engine, on_outcome)
     finally:
         bar.close()

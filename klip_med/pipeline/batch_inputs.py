@@ -160,10 +160,11 @@ def input_signature(inp: BatchInput) -> dict[str, Any]:
     return {"path": inp.location, "missing": True}
 
 
-def load_input(inp: BatchInput, prior) -> RunInput:
-    """The input as ``klip-med run`` reads it (:func:`klip_med.io.inputs.read_input`), or a manifest item."""
+def load_input(inp: BatchInput, prior, dicomweb=None) -> RunInput:
+    """The input as ``klip-med run`` reads it (:func:`klip_med.io.inputs.read_input`, a URL with the
+    ``dicomweb`` options), or a manifest item."""
     if inp.manifest is None:
-        return read_input(inp.location)
+        return read_input(inp.location, dicomweb)
     return _manifest_run_input(inp.manifest, prior)
 
 
