@@ -40,21 +40,8 @@ def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int) ->
     else:
         model = NullModel.load(model_spec)
         windows = [w["name"] for w in model.conditions["windows"]]
-    if model_spec == "lopo-legacy":  # the first round's estimator, refitted per patient
-        from klip_med.calibration.fit import fit_null
-        from klip_med.eval.nulls import cached_blocks
-
-        blocks = {e.key: cached_blocks(e, windows, block_size) for e in entries}
-        ids = [e for e in entries if e.label == 0]
-        fitted = {}
-        for p in sorted({e.patient for e in entries}):
-            others = [e for e in ids if e.patient != p]
-            d, c, m = zip(*(blocks[e.key] for e in others), strict=True)
-            fitted[p] = fit_null(d, c, m, {"block_size": block_size}, "legacy", "auto", [e.patient for e in others],
-                                 spread="legacy")
-        models = {e.key: fitted[e.patient] for e in entries}
-    else:
-        models, blocks = null_models(entries, model, windows, block_size)
+    spread = "legacy" if model_spec == "lopo-legacy" else "predictive"  # the first round's estimator, or ours
+    models, blocks = null_models(entries, model, windows, block_size, spread=spread)
     ids = [e for e in entries if e.label == 0]
     cal = calibration_rates(ids, models, blocks, n_boot=n_boot, seed=0)
     methods, _ = summarise(add_null_maps(entries, models, blocks, windows, block_size), block_size, 5, n_boot, 0)

@@ -51,11 +51,10 @@ def shares(mass: np.ndarray, tumour: np.ndarray, head: np.ndarray) -> tuple[floa
 
 def denoised_null(run: Path, block_size: int):
     """A null model of the denoiser's split, fitted on the lesion-free slices of an eval run with
-    ``--readouts denoised`` (its maps ``klip_dn[w]`` read as ``klip[w]``)."""
+    ``--readouts denoised`` (its maps ``klip_dn[w]``)."""
     entries = [with_current_body_mask(read_slice(p)) for p in sorted((run / "slices").glob("*.npz"))]
     ids = [e for e in entries if e.label == 0]
-    renamed = [replace(e, maps={f"klip[{w}]": e.maps[f"klip_dn[{w}]"] for w in CALIBRATED_WINDOWS}) for e in ids]
-    d, c, m = zip(*(cached_blocks(e, CALIBRATED_WINDOWS, block_size) for e in renamed), strict=True)
+    d, c, m = zip(*(cached_blocks(e, CALIBRATED_WINDOWS, block_size, prefix="klip_dn") for e in ids), strict=True)
     return fit_null(d, c, m, {"block_size": block_size}, f"{len(ids)} lesion-free slices of {run}",
                     groups=[e.patient for e in ids])
 

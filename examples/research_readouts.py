@@ -31,14 +31,6 @@ RAW_ROWS = ("klip[t:0.1,1]", "klip_dn[t:0.1,1]", "klip_t[t:0.1,1]", "klip[full]"
 BASELINE_ROWS = ("posterior_std", "brightness", "brightness_dev", "centrality", "residual", "anoddpm", "cfs")
 
 
-def _as_klip(entry, prefix: str):
-    """The entry with the read-out's per-window maps under the names the null model reads (``klip[w]``)."""
-    if prefix == "klip":
-        return entry
-    maps = {**entry.maps, **{f"klip[{w}]": entry.maps[f"{prefix}[{w}]"] for w in CALIBRATED_WINDOWS}}
-    return replace(entry, maps=maps)
-
-
 def _interval(value: float | None, ci) -> str:
     if value is None:
         return "n/a"
@@ -69,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     scored = entries
     z_name = method_name(windows)
     for prefix in READOUT_PREFIXES:
-        renamed = [_as_klip(e, prefix) for e in entries]
-        models, blocks = null_models(renamed, "lopo", windows, b)
-        with_z = add_null_maps(renamed, models, blocks, windows, b)
+        models, blocks = null_models(entries, "lopo", windows, b, prefix=prefix)
+        with_z = add_null_maps(entries, models, blocks, windows, b)
         scored = [replace(s, maps={**s.maps, f"{prefix} z": z.maps[z_name]}) for s, z in zip(scored, with_z,
                                                                                              strict=True)]
     methods, _ = summarise(scored, b, 5, args.bootstrap, 0)

@@ -61,7 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
             source = f"{args.prior_samples} unconditional samples of the prior (DDIM eta=1, 100 steps, seed {settings.seed})"
         print(f"calibrating on {len(images)} in-distribution images: {source}")
         null = calibrate_images(prior, args.physics, settings, images, source, conditioning=args.conditioning,
-                                spread=args.spread, device=device if engine.engine == "ray" else driver,
+                                spread=args.spread, device=device,
                                 groups=groups, fingerprints=prints, engine=engine, prior_source=args.prior)
     null.extra["command_seconds"] = round(time.perf_counter() - started, 1)
     null.save(out)

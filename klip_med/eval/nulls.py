@@ -39,16 +39,17 @@ def method_name(windows: Sequence[str]) -> str:
     return f"klip_z[{windows[0]}]" if len(windows) == 1 else f"klip_z[{len(windows)} windows {windows[0]}..{windows[-1]}]"
 
 
-def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int
+def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int, prefix: str = "klip"
                   ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """``(densities (W, gh, gw), covariates, inside (gh, gw))`` of a cached slice: block densities of
-    its maps ``klip[<window>]``, :func:`~klip_med.calibration.covariates.block_covariates` of its posterior
-    mean, and its in-body blocks (all blocks when none is inside)."""
-    names = [f"klip[{w}]" for w in windows]
+    its maps ``<prefix>[<window>]`` (``klip``, or a read-out such as ``klip_dn``),
+    :func:`~klip_med.calibration.covariates.block_covariates` of its posterior mean, and its in-body
+    blocks (all blocks when none is inside)."""
+    names = [f"{prefix}[{w}]" for w in windows]
     missing = [n for n in names if n not in entry.maps]
     if missing:
         raise KLIPMedError(f"{entry.key}: expected the cached maps {missing} for the null model, found "
-                           f"{sorted(k for k in entry.maps if k.startswith('klip['))}")
+                           f"{sorted(k for k in entry.maps if k.startswith(prefix + '['))}")
     stacked = np.stack([entry.maps[n] for n in names]).astype(np.float32)
     densities = pool_blocks(torch.from_numpy(stacked), block_size).densities.numpy()
     inside = blocks_inside_mask(torch.from_numpy(entry.body_mask.astype(bool)), block_size).numpy()
@@ -57,7 +58,7 @@ def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int
 
 
 def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: Sequence[str], block_size: int,
-                conditioning: str = "auto") -> tuple[dict, dict]:
+                conditioning: str = "auto", spread: str = "predictive", prefix: str = "klip") -> tuple[dict, dict]:
     """Each entry's null model and block data: ``(models, blocks)``, both keyed by entry key.
 
     Args:
@@ -67,8 +68,10 @@ def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: 
         windows: labels of the cached KLIP maps the model combines (e.g. ``["t:0.6,1"]``).
         conditioning: for ``"lopo"`` (``auto`` chooses within each fold from the other patients'
             lesion-free slices only).
+        spread: for ``"lopo"``, the per-position spread (:data:`klip_med.calibration.families.SPREADS`).
+        prefix: which cached maps, ``<prefix>[<window>]`` (:func:`cached_blocks`).
     """
-    blocks = {e.key: cached_blocks(e, windows, block_size) for e in entries}
+    blocks = {e.key: cached_blocks(e, windows, block_size, prefix) for e in entries}
     if isinstance(null, NullModel):
         expect(int(null.conditions.get("block_size", block_size)) == block_size, "null model block size",
                f"the benchmark's block size {block_size}", null.conditions.get("block_size"))
@@ -83,7 +86,7 @@ def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: 
         d, c, m = zip(*(blocks[e.key] for e in others), strict=True)
         fitted[p] = fit_null(d, c, m, {"block_size": block_size, "windows": list(windows)},
                              f"lesion-free slices of the other patients ({len(others)})", conditioning,
-                             [e.patient for e in others])
+                             [e.patient for e in others], spread=spread)
     return {e.key: fitted[e.patient] for e in entries}, blocks
 
 

@@ -22,6 +22,13 @@ T_FLOOR = 1e-12
 """Added to the standard error of the t-statistic (a pixel with no KL in any sample gets 0)."""
 
 
+def check_readouts(readouts: Sequence[str]) -> list[str]:
+    """``readouts`` sorted and without repeats, or a KLIPMedError naming the unknown ones."""
+    unknown = [r for r in readouts if r not in READOUTS]
+    expect(not unknown, "readouts", f"some of {list(READOUTS)}", unknown)
+    return sorted(set(readouts))
+
+
 def readout_observers(prior, settings, readouts: Sequence[str]) -> tuple[list, dict]:
     """The step observers the read-outs need (to run in the sampling pass) and their state.
 
@@ -31,8 +38,7 @@ def readout_observers(prior, settings, readouts: Sequence[str]) -> tuple[list, d
     from klip_med.pipeline.settings import make_sampler
     from klip_med.sampling.attribution import DenoisedAttribution
 
-    unknown = [r for r in readouts if r not in READOUTS]
-    expect(not unknown, "--readouts", f"some of {list(READOUTS)}", unknown)
+    readouts = check_readouts(readouts)
     state: dict = {}
     observers: list = []
     if "denoised" in readouts:

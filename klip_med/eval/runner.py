@@ -30,7 +30,7 @@ import torch
 from klip_med import pipeline
 from klip_med.data.manifest import Manifest, read_manifest
 from klip_med.data.selection import EvalSlice, select_slices
-from klip_med.errors import KLIPMedError, expect
+from klip_med.errors import KLIPMedError
 from klip_med.eval.baselines import BaselineSettings
 from klip_med.eval.cache import (
     CachedSlice,
@@ -42,8 +42,8 @@ from klip_med.eval.cache import (
 )
 from klip_med.eval.null_rates import calibration_rates
 from klip_med.eval.nulls import add_null_maps, method_name, null_models, plan_null
-from klip_med.eval.names import READOUTS
 from klip_med.eval.posthoc import PostHoc
+from klip_med.eval.readouts import check_readouts
 from klip_med.eval.slice_run import SliceWorker
 from klip_med.eval.results import roc_figure, write_results
 from klip_med.eval.summary import REFERENCES, summarise
@@ -154,8 +154,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         mode = f"inserted ({ct_lesions})"
     prior_id = prior_identity(prior)
     sampling = {k: v for k, v in settings.describe().items() if k not in ("top_k", "block_size")}  # post hoc
-    readouts = sorted(set(readouts))
-    expect(all(r in READOUTS for r in readouts), "readouts", f"some of {list(READOUTS)}", readouts)
+    readouts = check_readouts(readouts)
     if readouts:  # absent otherwise, so caches made before read-outs existed stay valid
         sampling["readouts"] = readouts
     post = PostHoc(manifest, prior, prior_reference, physics_spec, sampling, prior_id["weights_sha256"], baselines,

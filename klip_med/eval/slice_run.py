@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,12 +97,10 @@ class SliceWorker:
     readouts: tuple[str, ...] = ()
 
     def __call__(self):
-        device = torch.device(self.device)
-        prior = self.prior
-        if isinstance(prior, (str, Path)):
-            from klip_med.priors import load
+        from klip_med.priors.registry import loaded
 
-            prior = load(prior, device=device)
+        device = torch.device(self.device)
+        prior = loaded(self.prior, device)
 
         def run(item: EvalSlice):
             return process_slice(prior, self.physics_spec, item, self.settings, self.baselines, device,

@@ -56,11 +56,9 @@ class CalibrationWorker:
     device: str
 
     def __call__(self):
-        prior = self.prior
-        if isinstance(prior, (str, Path)):
-            from klip_med.priors import load
+        from klip_med.priors.registry import loaded
 
-            prior = load(prior, device=self.device)
+        prior = loaded(self.prior, self.device)
 
         def run(item):
             k, image = item

@@ -57,3 +57,9 @@ def resolve_prior_path(name_or_path: str | Path) -> Path:
 def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> DiffusionPrior:
     """Load a shipped prior by name (``load("mri-brain-flair-128")``) or any prior folder / weights path."""
     return load_prior_dir(resolve_prior_path(name_or_path), device=device)
+
+
+def loaded(prior, device: str | torch.device = "cpu"):
+    """``prior`` loaded on ``device`` when it is a name / folder (:func:`load`), else ``prior`` itself
+    (a loaded prior, e.g. one an engine worker received)."""
+    return load(prior, device=device) if isinstance(prior, (str, Path)) else prior
