@@ -3,7 +3,8 @@ get flagged, per block, per slice and per volume, and what the calibrated map co
 
 Each row applies one null model to the cached lesion-free slices of a ``klip-med eval`` run (no new
 sampling): a model file (e.g. fitted on the dev split, applied to the test split), or ``lopo`` (each
-patient against the other patients of the same run; ``lopo-legacy`` with the first round's spread).
+patient against the other patients of the same run; ``lopo-legacy`` with the first round's spread,
+``lopo-centred`` with each slice's own level removed, klip_med.calibration.centring).
 Rates come with per-patient bootstrap intervals (klip_med.eval.null_rates); the localisation AUROC
 is that of the calibrated map on the run's OOD images.
 
@@ -32,16 +33,20 @@ def _cell(rate: dict) -> str:
     return f"{rate['observed']:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
+LOPO = ("lopo", "lopo-legacy", "lopo-centred")
+
+
 def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int) -> str:
     entries = [with_current_body_mask(read_slice(p)) for p in sorted((run / "slices").glob("*.npz"))]
     windows = list(CALIBRATED_WINDOWS)
-    if model_spec in ("lopo", "lopo-legacy"):
+    if model_spec in LOPO:
         model = "lopo"
     else:
         model = NullModel.load(model_spec)
         windows = [w["name"] for w in model.conditions["windows"]]
     spread = "legacy" if model_spec == "lopo-legacy" else "predictive"  # the first round's estimator, or ours
-    models, blocks = null_models(entries, model, windows, block_size, spread=spread)
+    centring = "slice" if model_spec == "lopo-centred" else "none"
+    models, blocks = null_models(entries, model, windows, block_size, spread=spread, centring=centring)
     ids = [e for e in entries if e.label == 0]
     cal = calibration_rates(ids, models, blocks, n_boot=n_boot, seed=0)
     methods, _ = summarise(add_null_maps(entries, models, blocks, windows, block_size), block_size, 5, n_boot, 0)
@@ -55,7 +60,7 @@ def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rows", nargs="+", help="triples: LABEL MODEL(.json|lopo|lopo-legacy) EVAL_RUN_DIR")
+    parser.add_argument("rows", nargs="+", help="triples: LABEL MODEL(.json|lopo|lopo-legacy|lopo-centred) EVAL_RUN_DIR")
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)

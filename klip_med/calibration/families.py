@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from klip_med.calibration.centring import centre_slice
 from klip_med.errors import expect
 
 DENSITY_FLOOR = 1e-12
@@ -175,8 +176,9 @@ def expected_stats(mean, std, edges, conditioning, covariate):
 
 
 def heldout_scores(values, covariates, present, groups, family, n_bins, shrinkage,
-                   spread="predictive") -> tuple[np.ndarray, float]:
-    """Each group's ID blocks scored under the family fitted on the other groups.
+                   spread="predictive", centring="none") -> tuple[np.ndarray, float]:
+    """Each group's ID blocks scored under the family fitted on the other groups (with ``centring``
+    ``slice``, each image's residuals centred as :mod:`klip_med.calibration.centring` scores a slice).
 
     Returns:
         ``(z, loglik)``: per-window z-scores (W, N, gh, gw; NaN outside the body), the reference
@@ -194,7 +196,10 @@ def heldout_scores(values, covariates, present, groups, family, n_bins, shrinkag
         for k, idx in enumerate(np.flatnonzero(test)):
             mu, sd = expected_stats(mean, std, edges, family, None if cov is None else cov[k])
             m = present[idx]
-            zk = ((values[:, idx] - mu) / sd)[:, m]
+            residual = values[:, idx] - mu
+            if centring == "slice":
+                residual = centre_slice(residual, m)
+            zk = (residual / sd)[:, m]
             z[:, idx][:, m] = zk
             log_sd = np.log(np.broadcast_to(sd, values[:, idx].shape))[:, m]
             total += float((-0.5 * zk**2 - log_sd - 0.5 * np.log(2 * np.pi)).sum())

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from klip_med.calibration.centring import CENTRINGS, level_free
 from klip_med.calibration.families import (
     AUTO_FAMILIES,
     CONDITIONING,
@@ -92,7 +93,8 @@ def slice_level(combined: np.ndarray, present: np.ndarray, labels: np.ndarray) -
 def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.ndarray]],
              insides: Sequence[np.ndarray], conditions: dict[str, Any], source: str, conditioning: str = "auto",
              groups: Sequence[str] | None = None, n_bins: int | None = None, shrinkage: float | None = None,
-             spread: str = "predictive", fingerprints: Sequence[dict[str, str | None]] = ()) -> NullModel:
+             spread: str = "predictive", fingerprints: Sequence[dict[str, str | None]] = (),
+             centring: str = "none") -> NullModel:
     """Fit a null model on ID images.
 
     Args:
@@ -113,18 +115,24 @@ def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.
             the between-unit variance (``predictive``; ``legacy`` then uses 5).
         spread: :data:`~klip_med.calibration.families.SPREADS`.
         fingerprints: one ``{"key", "sha256"}`` per image (the overlap guard), or none.
+        centring: :data:`~klip_med.calibration.centring.CENTRINGS`; with ``slice`` the held-out
+            z-scores of each healthy slice are centred (per window, in-body median removed) before
+            the scale, the reference and the slice level are fitted, exactly as a scored slice is.
     """
     expect(conditioning in CONDITIONING, "conditioning", f"one of {CONDITIONING}", conditioning)
     expect(spread in SPREADS, "spread", f"one of {SPREADS}", spread)
+    expect(centring in CENTRINGS, "centring", f"one of {CENTRINGS}", centring)
     expect(n_bins is None or (isinstance(n_bins, int) and n_bins >= 1), "n_bins", "an integer >= 1", n_bins)
     values, present = _inputs(densities, covariates, insides)
     n = values.shape[1]
     expect(len(fingerprints) in (0, n), "fingerprints", f"one per image ({n}) or none", len(fingerprints))
     labels = _groups(groups, n)
+    if centring == "slice":  # the families are fitted on level-free slices; scoring centres residuals again
+        values = level_free(values, present)
     extra: dict[str, Any] = {}
     heldout = {}
     if conditioning == "auto":
-        heldout = {f: heldout_scores(values, covariates, present, labels, f, n_bins, shrinkage, spread)
+        heldout = {f: heldout_scores(values, covariates, present, labels, f, n_bins, shrinkage, spread, centring)
                    for f in AUTO_FAMILIES}
         scores = {f: ll for f, (_, ll) in heldout.items()}
         conditioning = max(scores, key=scores.get)
@@ -132,7 +140,7 @@ def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.
                               "groups": int(np.unique(labels).size), "chosen": conditioning}
     mean, std, edges = fit_family(values, covariates, present, conditioning, n_bins, shrinkage, spread)
     z_ref, _ = heldout.get(conditioning) or heldout_scores(values, covariates, present, labels, conditioning,
-                                                            n_bins, shrinkage, spread)
+                                                            n_bins, shrinkage, spread, centring)
     summed = z_ref.sum(axis=0)  # (N, gh, gw), NaN outside the body
     scale = float(max(summed[present].std(), 1e-6))
     combined = summed / scale
@@ -143,6 +151,6 @@ def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.
                   "reference": f"each block scored with its group left out ({np.unique(labels).size} groups)"})
     model = NullModel(dict(conditions), conditioning, mean, std, edges, scale, np.sort(combined[present]), n, source,
                       extra, extra["slice_level"]["effective_fraction"], spread,
-                      tuple({"key": f.get("key"), "sha256": f.get("sha256")} for f in fingerprints))
+                      tuple({"key": f.get("key"), "sha256": f.get("sha256")} for f in fingerprints), centring)
     model.__dict__["tail"] = tail  # the same reference: no second tail fit (cached_property's slot)
     return model

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from klip_med._atomic import atomic_path
+from klip_med.calibration.centring import CENTRINGS, centre_slice
 from klip_med.calibration.conditions import differences
 from klip_med.calibration.families import (
     CONDITIONING,
@@ -95,6 +96,10 @@ class NullModel:
         fingerprints: one ``{"key", "sha256"}`` per calibration image: its manifest key
             (``name:file[index]``) and the SHA-256 of its float32 pixels in physical units (None
             where unknown, e.g. the prior's own samples have neither).
+        centring: ``none`` or ``slice`` (each window's median over the slice's in-body blocks
+            removed before combining: the patient's own level taken out;
+            :mod:`klip_med.calibration.centring`). Scoring a slice-centred model needs the image's
+            in-body blocks.
     """
 
     conditions: dict[str, Any]
@@ -110,6 +115,7 @@ class NullModel:
     effective_fraction: float = 1.0
     spread: str = "predictive"
     fingerprints: tuple[dict[str, str | None], ...] = ()
+    centring: str = "none"
 
     @property
     def n_windows(self) -> int:
@@ -121,8 +127,9 @@ class NullModel:
         return Tail.fit(self.reference_z)
 
     # ------------------------------------------------------------------ apply
-    def window_z_scores(self, densities: np.ndarray, covariates: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Per-window z-scores of one image's blocks, (W, gh, gw) (``covariates`` as in :meth:`fit`)."""
+    def window_z_scores(self, densities: np.ndarray, covariates: dict[str, np.ndarray] | None = None,
+                        inside: np.ndarray | None = None) -> np.ndarray:
+        """Per-window z-scores of one image's blocks, (W, gh, gw) (arguments as in :meth:`z_scores`)."""
         d = log_density(densities)
         d = d[None] if d.ndim == 2 else d
         expect(d.ndim == 3 and d.shape[0] == self.n_windows, "densities",
@@ -134,16 +141,23 @@ class NullModel:
         elif self.conditioning in COVARIATE:
             cov = stack_covariate([covariates or {}], self.conditioning, (1, *d.shape[1:]))[0]
         mu, sd = expected_stats(self.mean, self.std, self.edges, self.conditioning, cov)
-        return (d - mu) / sd
+        residual = d - mu
+        if self.centring == "slice":
+            expect(inside is not None, "inside", "the image's (gh, gw) in-body blocks for a slice-centred null model",
+                   None)
+            residual = centre_slice(residual, inside)
+        return residual / sd
 
-    def z_scores(self, densities: np.ndarray, covariates: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def z_scores(self, densities: np.ndarray, covariates: dict[str, np.ndarray] | None = None,
+                 inside: np.ndarray | None = None) -> np.ndarray:
         """Combined z-score of each block of one image, (gh, gw).
 
         Args:
             densities: (W, gh, gw) block densities of the model's windows ((gh, gw) when W = 1).
             covariates: :func:`block_covariates` of the image (needed for ``edge`` / ``intensity``).
+            inside: (gh, gw) bool in-body blocks of the image (needed when ``centring="slice"``).
         """
-        return self.window_z_scores(densities, covariates).sum(axis=0) / self.scale
+        return self.window_z_scores(densities, covariates, inside).sum(axis=0) / self.scale
 
     def p_values(self, z: np.ndarray) -> np.ndarray:
         """Block p-values of z-scores against the ID reference (fitted tail beyond it), same shape, in (0, 1]."""
@@ -211,8 +225,10 @@ class NullModel:
         expect(data.get("version") == NULL_VERSION, f"{path}: version",
                f"{NULL_VERSION} (a model of another version: refit it with `klip-med calibrate`)", data.get("version"))
         fields = ("conditions", "conditioning", "mean", "std", "edges", "scale", "reference_z", "n_images", "source",
-                  "extra", "effective_fraction", "spread", "fingerprints")
-        check_keys(data, str(path), set(fields) | {"format", "version"}, set(fields) - {"extra"})
+                  "extra", "effective_fraction", "spread", "fingerprints", "centring")
+        check_keys(data, str(path), set(fields) | {"format", "version"}, set(fields) - {"extra", "centring"})
+        centring = data.get("centring", "none")  # models written before centring existed are uncentred
+        expect(centring in CENTRINGS, f"{path}: centring", f"one of {CENTRINGS}", centring)
         c = data["effective_fraction"]
         expect(isinstance(c, (int, float)) and 0 < c <= 1, f"{path}: effective_fraction", "a number in (0, 1]", c)
         expect(data["spread"] in SPREADS, f"{path}: spread", f"one of {SPREADS}", data["spread"])
@@ -238,4 +254,4 @@ class NullModel:
         extra = {k: v for k, v in data.get("extra", {}).items() if k != "tail"}  # the tail is refitted on load
         return cls(data["conditions"], data["conditioning"], m, arrays["std"], arrays["edges"], float(scale),
                    np.sort(arrays["reference_z"]), int(data["n_images"]), str(data["source"]), extra, float(c),
-                   data["spread"], tuple(dict(f) for f in prints))
+                   data["spread"], tuple(dict(f) for f in prints), centring)

@@ -6,10 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from klip_med.calibration.covariates import block_covariates
 from klip_med.calibration.null_model import NullModel
 from klip_med.score.blocks import block_to_pixels, blocks_inside_mask, pool_blocks
+
+
+def inside_blocks(body_mask, block_size: int) -> np.ndarray:
+    """(gh, gw) bool blocks at least half inside ``body_mask`` ((H, W) bool, tensor or array); all
+    blocks when none is (what a null model scores and a slice-centred model takes its median over)."""
+    inside = blocks_inside_mask(torch.as_tensor(np.asarray(body_mask, dtype=bool)), block_size).numpy()
+    return inside if inside.any() else np.ones_like(inside)
 
 
 def result_blocks(result, block_size: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -18,9 +26,7 @@ def result_blocks(result, block_size: int) -> tuple[np.ndarray, dict[str, np.nda
     (nats per pixel), :func:`~klip_med.calibration.covariates.block_covariates`, and (gh, gw)
     in-body blocks (all blocks when none is inside)."""
     densities = pool_blocks(result.klip, block_size).densities.numpy()
-    inside = blocks_inside_mask(result.body_mask, block_size).numpy()
-    if not inside.any():
-        inside = np.ones_like(inside)
+    inside = inside_blocks(result.body_mask, block_size)
     return densities, block_covariates(result.recon_mean.numpy(), result.body_mask.numpy(), block_size), inside
 
 
@@ -32,10 +38,10 @@ def apply_null(null: NullModel, result,
         windows: indices into the result's windows of the model's windows, in the model's order
             (:func:`null_windows`); None: the result's windows are exactly the model's.
     """
-    densities, covariates, _ = result_blocks(result, int(null.conditions["block_size"]))
+    densities, covariates, inside = result_blocks(result, int(null.conditions["block_size"]))
     if windows is not None:
         densities = densities[list(windows)]
-    z = null.z_scores(densities, covariates)
+    z = null.z_scores(densities, covariates, inside)
     return z, null.p_values(z)
 
 

@@ -48,7 +48,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.from_eval_run is not None:
         conditions = null_conditions(prior, args.physics, settings)
         null = null_from_eval_run(args.from_eval_run, specs, settings.block_size, conditions, args.conditioning,
-                                  spread=args.spread)
+                                  spread=args.spread, centring=args.centring)
     else:
         if args.manifest is not None:
             from klip_med.data.manifest import read_manifest
@@ -61,14 +61,14 @@ def run_command(args: argparse.Namespace) -> int:
             source = f"{args.prior_samples} unconditional samples of the prior (DDIM eta=1, 100 steps, seed {settings.seed})"
         print(f"calibrating on {len(images)} in-distribution images: {source}")
         null = calibrate_images(prior, args.physics, settings, images, source, conditioning=args.conditioning,
-                                spread=args.spread, device=device,
+                                spread=args.spread, centring=args.centring, device=device,
                                 groups=groups, fingerprints=prints, engine=engine, prior_source=args.prior)
     null.extra["command_seconds"] = round(time.perf_counter() - started, 1)
     null.save(out)
     chosen = null.extra.get("selection", {}).get("heldout_loglik_nats_per_block_window")
     why = f" (held-out ID log-likelihood per block: {chosen})" if chosen else ""
     print(f"wrote {out}: {null.n_images} images, {null.extra['n_blocks']} in-body blocks, "
-          f"{null.conditioning} conditioning{why}; z threshold at fpr 0.01: {null.z_threshold(0.01):.2f}, "
+          f"{null.conditioning} conditioning{why}, centring {null.centring}; z threshold at fpr 0.01: {null.z_threshold(0.01):.2f}, "
           f"at 0.05: {null.z_threshold(0.05):.2f}")
     windows = "--windows " + " ".join(specs)
     print(f"use it: klip-med run ... --physics '{args.physics}' --null {out} (same prior, samples, steps, sampler "
@@ -78,6 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``calibrate`` on the ``klip-med`` subparsers."""
+    from klip_med.calibration.centring import CENTRINGS, DEFAULT_CENTRING
     from klip_med.calibration.families import AUTO_FAMILIES, CONDITIONING, SPREADS
 
     p = subparsers.add_parser(
@@ -111,6 +112,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--spread", choices=SPREADS, default="predictive",
                        help="per-position spread: predictive (the spread of a new healthy block, honest where a "
                             "position is seldom inside the body; default) or legacy (the first round's, for comparison)")
+    group.add_argument("--centring", choices=CENTRINGS, default=DEFAULT_CENTRING,
+                       help="slice: remove each window's median z over the slice's in-body blocks before combining "
+                            "(the patient's own KL level taken out; a flag then means 'more than the rest of this "
+                            f"slice'); none: z against the calibration patients as they are (default {DEFAULT_CENTRING})")
     group.add_argument("--conditioning", choices=CONDITIONING, default="auto",
                        help="what a block is compared with: the same place in the ID images (position), ID blocks "
                             "at the same distance to the body edge (edge), holding as much anatomy (texture: "

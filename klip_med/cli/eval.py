@@ -61,6 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
         device=device, block_sizes=block_sizes, n_boot=args.bootstrap, metrics_only=args.metrics_only,
         pixel_spacing_mm=args.pixel_spacing_mm, command="klip-med " + shlex.join(sys.argv[1:]),
         null=args.null, null_windows=args.null_windows, null_conditioning=args.null_conditioning,
+        null_centring=args.null_centring,
         ct_lesions=args.ct_lesions, allow_calibration_overlap=args.allow_calibration_overlap, shift=args.shift,
         readouts=tuple(args.readouts), engine=engine,
     )
@@ -72,6 +73,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``klip-med`` subparsers."""
+    from klip_med.calibration.centring import CENTRINGS, DEFAULT_CENTRING
     from klip_med.calibration.families import CONDITIONING
 
     p = subparsers.add_parser(
@@ -151,6 +153,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--null-conditioning", choices=CONDITIONING, default="auto",
                    help="with --null lopo (default auto: chosen in each fold from the other patients' lesion-free "
                         "slices by held-out likelihood)")
+    p.add_argument("--null-centring", choices=CENTRINGS, default=DEFAULT_CENTRING,
+                   help=f"with --null lopo: slice (each slice's own level removed per window) or none (default "
+                        f"{DEFAULT_CENTRING}; a model file carries its own)")
     p.add_argument("--out", required=True, help="results folder (resumable)")
     p.set_defaults(run=run_command)
     return p

@@ -34,7 +34,7 @@ def _scored(ids: Sequence[CachedSlice], models: Mapping[str, object], blocks: Ma
     for e in ids:
         model = models[e.key]
         densities, covariates, inside = blocks[e.key]
-        z = model.z_scores(densities, covariates)[inside]
+        z = model.z_scores(densities, covariates, inside)[inside]
         out.append({"key": e.key, "patient": e.patient, "model": model, "z": z, "n": int(inside.sum())})
     return out
 

@@ -27,9 +27,10 @@ import torch
 from klip_med.calibration.covariates import block_covariates
 from klip_med.calibration.fit import fit_null
 from klip_med.calibration.null_model import NullModel
+from klip_med.calibration.scoring import inside_blocks
 from klip_med.errors import KLIPMedError, expect
 from klip_med.eval.cache import CachedSlice
-from klip_med.score.blocks import block_to_pixels, blocks_inside_mask, pool_blocks
+from klip_med.score.blocks import block_to_pixels, pool_blocks
 
 
 def method_name(windows: Sequence[str]) -> str:
@@ -52,13 +53,13 @@ def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int, p
                            f"{sorted(k for k in entry.maps if k.startswith(prefix + '['))}")
     stacked = np.stack([entry.maps[n] for n in names]).astype(np.float32)
     densities = pool_blocks(torch.from_numpy(stacked), block_size).densities.numpy()
-    inside = blocks_inside_mask(torch.from_numpy(entry.body_mask.astype(bool)), block_size).numpy()
-    return densities, block_covariates(entry.images[2].astype(np.float32), entry.body_mask, block_size), (
-        inside if inside.any() else np.ones_like(inside))
+    return (densities, block_covariates(entry.images[2].astype(np.float32), entry.body_mask, block_size),
+            inside_blocks(entry.body_mask, block_size))
 
 
 def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: Sequence[str], block_size: int,
-                conditioning: str = "auto", spread: str = "predictive", prefix: str = "klip") -> tuple[dict, dict]:
+                conditioning: str = "auto", spread: str = "predictive", prefix: str = "klip",
+                centring: str = "none") -> tuple[dict, dict]:
     """Each entry's null model and block data: ``(models, blocks)``, both keyed by entry key.
 
     Args:
@@ -70,6 +71,7 @@ def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: 
             lesion-free slices only).
         spread: for ``"lopo"``, the per-position spread (:data:`klip_med.calibration.families.SPREADS`).
         prefix: which cached maps, ``<prefix>[<window>]`` (:func:`cached_blocks`).
+        centring: for ``"lopo"``, :data:`klip_med.calibration.centring.CENTRINGS`.
     """
     blocks = {e.key: cached_blocks(e, windows, block_size, prefix) for e in entries}
     if isinstance(null, NullModel):
@@ -86,7 +88,7 @@ def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: 
         d, c, m = zip(*(blocks[e.key] for e in others), strict=True)
         fitted[p] = fit_null(d, c, m, {"block_size": block_size, "windows": list(windows)},
                              f"lesion-free slices of the other patients ({len(others)})", conditioning,
-                             [e.patient for e in others], spread=spread)
+                             [e.patient for e in others], spread=spread, centring=centring)
     return {e.key: fitted[e.patient] for e in entries}, blocks
 
 
@@ -97,8 +99,8 @@ def add_null_maps(entries: Sequence[CachedSlice], models: dict, blocks: dict, wi
     name = method_name(windows)
     out = []
     for e in entries:
-        densities, covariates, _ = blocks[e.key]
-        z = models[e.key].z_scores(densities, covariates)
+        densities, covariates, inside = blocks[e.key]
+        z = models[e.key].z_scores(densities, covariates, inside)
         pixels = block_to_pixels(z, block_size, e.lesion.shape).astype(np.float32)
         out.append(replace(e, maps={**e.maps, name: pixels}))
     return out
@@ -120,7 +122,7 @@ def _check_run_matches(benchmark: dict, conditions: dict[str, Any], run_dir) -> 
 
 
 def null_from_eval_run(run_dir: str | Path, windows: Sequence[str], block_size: int, conditions: dict[str, Any],
-                       conditioning: str = "auto", spread: str = "predictive") -> NullModel:
+                       conditioning: str = "auto", spread: str = "predictive", centring: str = "none") -> NullModel:
     """Fit on the ID slices cached by a ``klip-med eval`` run (no new sampling).
 
     Args:
@@ -150,7 +152,7 @@ def null_from_eval_run(run_dir: str | Path, windows: Sequence[str], block_size: 
     prints = [e.meta.get("info", {}).get("source") or known.get(e.key) or {"key": None, "sha256": None}
               for e in entries]
     return fit_null(densities, covariates, insides, conditions, source, conditioning, [e.patient for e in entries],
-                    fingerprints=prints, spread=spread)
+                    fingerprints=prints, spread=spread, centring=centring)
 
 
 @dataclass(frozen=True)
@@ -174,13 +176,14 @@ class NullPlan:
 
 
 def plan_null(null, null_windows: Sequence[str] | None, specs: Sequence[str], prior_reference, prior,
-              physics_spec: str, settings, slices, allow_overlap: bool = False) -> NullPlan | None:
+              physics_spec: str, settings, slices, allow_overlap: bool = False, centring: str = "none") -> NullPlan | None:
     """Resolve ``--null`` (``auto`` / a file / ``lopo`` / None) for a benchmark, checking every
     condition and the overlap with the run's slices now, before the first network call.
 
     Args:
         specs: the run's window labels. settings: the run's KLIPSettings (windows set).
         slices: the selected :class:`klip_med.data.selection.EvalSlice` s (their ``info["source"]``).
+        centring: what ``lopo`` fits (named in its description; a model file carries its own).
     """
     from klip_med.calibration.store import resolve_null
     from klip_med.pipeline.settings import CALIBRATED_WINDOWS
@@ -192,7 +195,7 @@ def plan_null(null, null_windows: Sequence[str] | None, specs: Sequence[str], pr
         missing = [w for w in chosen if w not in specs]
         expect(not missing, "--null-windows", f"windows among the run's ({list(specs)})", missing)
         return NullPlan("lopo", tuple(chosen), None, "lopo: each patient scored against the lesion-free slices "
-                        "of the other patients of this run")
+                        f"of the other patients of this run (centring {centring})")
     model, indices, description = resolve_null(null, prior_reference, prior, physics_spec, settings)
     if model is None:
         return None

@@ -70,7 +70,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
                   n_boot: int = 1000, min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
                   pixel_spacing_mm: float | None = None, metrics_only: bool = False, command: str | None = None,
                   log: Callable[[str], None] | None = print, null: str | Path | None = None,
-                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto",
+                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto", null_centring: str = "none",
                   ct_lesions: str = "soft-tissue", allow_calibration_overlap: bool = False,
                   prior_reference: str | Path | None = None, shift: str | None = None,
                   readouts: Sequence[str] = (), engine: EngineOptions | None = None) -> dict:
@@ -106,6 +106,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         null_windows: the windows it combines (default: the model's; for ``lopo``
             :data:`klip_med.pipeline.CALIBRATED_WINDOWS` when the run has them all, else the first).
         null_conditioning: for ``"lopo"``, one of :data:`klip_med.calibration.CONDITIONING`.
+        null_centring: for ``"lopo"``, one of :data:`klip_med.calibration.centring.CENTRINGS`.
         allow_calibration_overlap: score slices that are calibration images of the model, and
             report the rates of those and of the fresh ones apart (refused otherwise).
         prior_reference: the name / folder the prior came from (where ``auto`` looks for models;
@@ -144,7 +145,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
     slices = select_slices(manifest, split, prior, max_patients, max_slices_per_patient, lesions, settings.seed,
                            min_body_fraction, min_lesion_pixels, pixel_spacing_mm, ct_lesions, shift)
     plan = plan_null(null, null_windows, specs, prior_reference, prior, physics_spec, settings, slices,
-                     allow_calibration_overlap)
+                     allow_calibration_overlap, null_centring)
     if plan is not None and plan.overlapping:
         say(f"{len(plan.overlapping)} slices are calibration images of the null model: scored, reported apart")
     mode = ("real" if manifest.mask_key else "inserted") if lesions == "auto" else lesions
@@ -214,7 +215,8 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
         scored, calibration = entries, None
         if plan is not None and plan.block_size in (size, None):
             try:
-                models, blocks = null_models(entries, plan.model, plan.windows, size, null_conditioning)
+                models, blocks = null_models(entries, plan.model, plan.windows, size, null_conditioning,
+                                             centring=null_centring)
                 scored = add_null_maps(entries, models, blocks, plan.windows, size)
                 calibration = _calibration(entries, models, blocks, plan, n_boot, settings.seed)
             except KLIPMedError as exc:

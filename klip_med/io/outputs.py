@@ -258,6 +258,7 @@ def null_levels(null, result: VolumeResult, z_slice_max: np.ndarray) -> dict[str
     volume_p = float(null.family_p(float(z_slice_max[finite].max()), int(counts.sum()), volume=True)) if finite.any() else None
     return {
         "source": null.source, "n_images": null.n_images, "conditioning": null.conditioning,
+        "centring": null.centring,
         "conditions": null.conditions, "effective_fraction": null.effective_fraction,
         "max_z_per_slice": [round(float(v), 4) if ok else None for v, ok in zip(z_slice_max, finite, strict=True)],
         "in_body_blocks_per_slice": counts.tolist(),
@@ -266,7 +267,9 @@ def null_levels(null, result: VolumeResult, z_slice_max: np.ndarray) -> dict[str
         "slice_p": slice_p,
         "volume_p": volume_p,
         "meaning": {
-            "z": f"log block density standardised against healthy reconstructions ({null.conditioning} conditioning)",
+            "z": f"log block density standardised against healthy reconstructions ({null.conditioning} conditioning"
+                 + ("; each window's median over the slice's in-body blocks removed first, so a flag means more "
+                    "than the rest of this slice" if null.centring == "slice" else "") + ")",
             "block_p": "fraction of healthy blocks at least as extreme (per block, not corrected for the number of "
                        "blocks)",
             "slice_p": "how often a healthy slice with as many in-body blocks reaches this slice's largest z "

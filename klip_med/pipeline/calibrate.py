@@ -73,7 +73,7 @@ class CalibrationWorker:
 def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: Sequence[np.ndarray] | torch.Tensor,
                      source: str, conditioning: str = "auto", device: str | torch.device = "cpu",
                      log: Callable[[str], None] | None = print, groups: Sequence[str] | None = None,
-                     fingerprints: Sequence[dict] = (), spread: str = "predictive",
+                     fingerprints: Sequence[dict] = (), spread: str = "predictive", centring: str = "none",
                      engine: EngineOptions | None = None, prior_source: str | Path | None = None) -> NullModel:
     """Measure and reconstruct ID images, then fit the null model on their in-body blocks.
 
@@ -85,6 +85,7 @@ def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: S
         fingerprints: one ``{"key", "sha256"}`` per image (:mod:`klip_med.data.identity`), recorded in
             the model so that it refuses to score its own calibration images; or none.
         spread: the per-position spread estimator (:data:`klip_med.calibration.families.SPREADS`).
+        centring: :data:`klip_med.calibration.centring.CENTRINGS` (the patient's own level removed per slice).
         settings: as used for the images to be scored (the model covers all its windows); image ``k`` is measured and sampled with
             seed ``settings.seed + 1000 * k`` (independent operator draws and noise).
         engine: where the images are reconstructed (default: in this process, in order); with Ray each
@@ -112,7 +113,7 @@ def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: S
                            f"{int(failed[0].key) + 1}: {failed[0].error}")
     densities, covariates, insides = zip(*(blocks[k] for k in range(len(images))), strict=True)
     null = fit_null(densities, covariates, insides, null_conditions(prior, physics_spec, settings), source,
-                    conditioning, groups, fingerprints=fingerprints, spread=spread)
+                    conditioning, groups, fingerprints=fingerprints, spread=spread, centring=centring)
     null.extra["seconds"] = round(time.perf_counter() - start, 1)
     return null
 

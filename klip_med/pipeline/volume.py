@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from klip_med.calibration.covariates import block_covariates
+from klip_med.calibration.scoring import inside_blocks
 from klip_med.calibration.thresholds import parse_threshold
 from klip_med.errors import expect
 from klip_med.io.inputs import RunInput
@@ -157,7 +158,8 @@ def _z_scores(result: VolumeResult, null, windows: list[int], block_size: int) -
     from klip_med.score.blocks import pool_blocks
 
     dens = pool_blocks(torch.from_numpy(result.klip[windows]), block_size).densities.numpy()  # (W, Z, gh, gw)
-    result.zscores = np.stack([null.z_scores(dens[:, k], block_covariates(result.recon[k], result.body[k], block_size))
+    result.zscores = np.stack([null.z_scores(dens[:, k], block_covariates(result.recon[k], result.body[k], block_size),
+                                             inside_blocks(result.body[k], block_size))
                                for k in range(result.recon.shape[0])])
 
 
