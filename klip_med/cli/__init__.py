@@ -6,6 +6,7 @@ Subcommands:
     run      the same for your own DICOM series / NIfTI / .npz volume (slice by slice, resumable)
     batch    run over many volumes (a list or a data manifest), locally or on a Ray cluster
     verify   prove the KLIP estimator on this install against a closed-form Gaussian case
+    manifest build a data manifest from your own DICOM folders / NIfTI files (splits by patient)
     train    train a diffusion prior on a data manifest (resumable)
     train-baseline  train the companion model of the dlsr / diffguard baseline (CPU)
     priors   list the shipped priors and their model cards
@@ -31,12 +32,13 @@ import traceback
 
 from klip_med import __version__
 from klip_med.cli import batch, bench, calibrate, demo, evaluate_prior, export_bundle, priors, run, train, verify
+from klip_med.cli import manifest as manifest_command
 from klip_med.cli import train_baseline
 from klip_med.cli import eval as eval_command
 from klip_med.errors import KLIPMedError
 
-COMMANDS = (demo, run, batch, verify, train, train_baseline, evaluate_prior, priors, eval_command, calibrate, bench,
-            export_bundle)
+COMMANDS = (demo, run, batch, verify, manifest_command, train, train_baseline, evaluate_prior, priors, eval_command,
+            calibrate, bench, export_bundle)
 """One module per command, in the order ``klip-med --help`` lists them; each has ``add_parser``."""
 
 

@@ -36,6 +36,7 @@ def run_command(args: argparse.Namespace) -> int:
            "exactly one of --manifest, --prior-samples N or --from-eval-run DIR", f"{len(sources)} given")
     out = Path(args.out)
     expect(out.suffix == ".json" and not out.is_dir(), "--out", "a .json file path", str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)  # now, not after the sampling (e.g. a prior's new nulls/ folder)
     check_physics(args.physics)
     prior = priors.load(args.prior, device=driver)
     check_physics(args.physics, int(prior.image_shape[-1]))
