@@ -16,6 +16,7 @@ is that of the calibrated map on the run's OOD images.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from klip_med.calibration.null_model import NullModel
@@ -36,8 +37,15 @@ def _cell(rate: dict) -> str:
 LOPO = ("lopo", "lopo-legacy", "lopo-centred")
 
 
-def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int) -> str:
+def institution(patient: str) -> str:
+    """The contributing site of a TCGA patient id (``TCGA_CS_6186`` -> ``TCGA_CS``)."""
+    return "_".join(patient.split("_")[:2])
+
+
+def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int, group_by: str = "patient") -> str:
     entries = [with_current_body_mask(read_slice(p)) for p in sorted((run / "slices").glob("*.npz"))]
+    if group_by == "institution":  # leave one site out, and sites as the bootstrap units
+        entries = [replace(e, patient=institution(e.patient)) for e in entries]
     windows = list(CALIBRATED_WINDOWS)
     if model_spec in LOPO:
         model = "lopo"
@@ -63,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rows", nargs="+", help="triples: LABEL MODEL(.json|lopo|lopo-legacy|lopo-centred) EVAL_RUN_DIR")
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--group-by", choices=("patient", "institution"), default="patient",
+                        help="the unit lopo leaves out and the bootstrap resamples: the patient, or the TCGA "
+                             "contributing site (a dev-only check of how a model transfers to another site)")
     args = parser.parse_args(argv)
     if len(args.rows) % 3:
         parser.error("rows come in triples: LABEL MODEL RUN")
@@ -72,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for k in range(0, len(args.rows), 3):
         label, spec, run = args.rows[k : k + 3]
-        print(row(label, spec, Path(run), args.block_size, args.bootstrap), flush=True)
+        print(row(label, spec, Path(run), args.block_size, args.bootstrap, args.group_by), flush=True)
     return 0
 
 

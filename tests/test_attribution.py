@@ -72,3 +72,38 @@ def test_the_fast_sampler_path_emits_one_event_per_step_and_keeps_the_kl():
     assert len(recorded.events) == 20 and attribution.network_calls == 19
     torch.testing.assert_close(attributed.pixel_nats.sum(dim=(-1, -2)), plain.pixel_nats.sum(dim=(-1, -2)),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_line_reattribution_keeps_every_lines_kl_and_the_chain_kl_of_the_gaussian_case():
+    from klip_med.score.reattribution import reattribute_lines
+
+    case = make_case()
+    prior, posterior = on_schedule(case.prior, 1000), on_schedule(case.posterior, 1000)
+    plain = KLIPAccumulator([FULL])
+    ScoreGuidedSampler(prior, posterior.eps, 100).sample(case.y, case.physics, 8, SHAPE,
+                                                         torch.Generator().manual_seed(1), [plain])
+    kl = plain.result().pixel_nats  # (..., H, W)
+    body = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    body[:, : SIZE // 2] = True  # half of every row outside: each row gets a floor
+    out = reattribute_lines(kl, body)
+    torch.testing.assert_close(out.sum(dim=-1), kl.sum(dim=-1), rtol=1e-5, atol=1e-7)  # every line, exactly
+    torch.testing.assert_close(out.sum(dim=(-1, -2)), kl.sum(dim=(-1, -2)), rtol=1e-5, atol=1e-7)
+    assert float((out != kl).float().mean()) > 0.1  # ... split differently
+
+
+def test_line_reattribution_gives_a_lesions_floor_back_to_it():
+    from klip_med.score.reattribution import reattribute_lines
+
+    kl = torch.full((16, 32), 0.01)
+    body = torch.zeros(16, 32, dtype=torch.bool)
+    body[2:14, 8:24] = True
+    kl[6:8, 12:14] += 1.0  # the lesion
+    kl[6:8] += 0.2  # its aliasing floor along its rows, inside the head and out
+    out = reattribute_lines(kl, body)
+    torch.testing.assert_close(out.sum(dim=-1), kl.sum(dim=-1))
+    assert float(out[6, 18]) < 1e-6 and float(out[6, 12]) > float(kl[6, 12])  # healthy pixel of the row: no floor
+    torch.testing.assert_close(out[0], kl[0])  # a flat line keeps its own (uniform) split
+    few = torch.zeros(16, 32, dtype=torch.bool)
+    few[:, 1:] = True  # one outside pixel per row: lines left as they are
+    torch.testing.assert_close(reattribute_lines(kl, few), kl)
+    torch.testing.assert_close(reattribute_lines(kl.T, body.T, axis=-2), out.T)

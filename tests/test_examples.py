@@ -63,3 +63,13 @@ def test_research_scripts_run_on_a_cached_benchmark(tmp_path):
                             text=True, timeout=600, env=env)
     assert figure.returncode == 0, figure.stderr[-3000:]
     assert (tmp_path / "fig.png").is_file()
+    reattribution = subprocess.run([sys.executable, str(EXAMPLES / "research_reattribution.py"), str(run),
+                                    "--block-size", "4", "--bootstrap", "20", "--centring", "none", "slice"],
+                                   capture_output=True, text=True, timeout=600, env=env)
+    assert reattribution.returncode == 0, reattribution.stderr[-3000:]
+    assert "| klip_ra z (slice) |" in reattribution.stdout and "| klip z (none) |" in reattribution.stdout
+    table = subprocess.run([sys.executable, str(EXAMPLES / "calibration_table.py"), "lopo", "lopo", str(run),
+                            "centred", "lopo-centred", str(run), "--block-size", "4", "--bootstrap", "20"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert table.stdout.count("\n| lopo |") == 1 and "\n| centred |" in table.stdout
