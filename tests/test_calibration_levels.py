@@ -140,3 +140,38 @@ def test_observed_rates_give_an_interval_only_with_enough_patients():
     patients = [f"p{k}" for k in range(8)]
     eight = observed_rate(flags, patients, 200, 0)
     assert eight["interval"] is None and 0.0 <= eight["ci"][0] <= 0.25 <= eight["ci"][1] <= 1.0
+
+
+def test_the_tail_fit_of_c_puts_the_healthy_slices_at_the_level_by_hand():
+    from klip_med.calibration.levels import tail_effective_fraction
+
+    rng = np.random.default_rng(3)
+    q = 10.0 ** rng.uniform(-3, -2, 39)  # 39 healthy slices: k = floor(0.05 * 40) = 2; c_s in (0.03, 0.7)
+    n = rng.integers(80, 160, 39).astype(float)
+    c_s = np.log(0.95) / (n * np.log1p(-q))  # the c at which each slice reaches p_family = 0.05
+    c = tail_effective_fraction(q, n)
+    assert c == pytest.approx(np.sort(c_s)[::-1][1]) and c_s.max() < 1.0
+    flagged = family_p(q, n, c) <= 0.05 + 1e-12
+    assert flagged.sum() == 2 and set(np.flatnonzero(flagged)) == set(np.argsort(c_s)[-2:])
+    assert tail_effective_fraction(q[:18], n[:18]) is None  # 18 slices: k = 0, too few for 5%
+    with pytest.raises(KLIPMedError):
+        tail_effective_fraction(q[:1], n[:1])
+
+
+def test_the_slice_level_fit_records_both_fits_and_holds_the_rate_that_the_ml_fit_misses():
+    """Slices whose maxima are heavier-tailed than the one-parameter form (a patient level shared by
+    the blocks of a slice): the maximum-likelihood c over-flags held-out healthy slices at 5%, the tail
+    fit does not."""
+    rng = np.random.default_rng(5)
+    means = rng.normal(-3.0, 0.3, (16, 16))
+    densities, groups = [], []
+    for p in range(30):
+        level = rng.normal(0.0, 0.6)
+        for _ in range(2):
+            densities.append(np.exp(means + level + rng.normal(0.0, 0.5, means.shape)))
+            groups.append(f"p{p}")
+    inside = [np.ones(means.shape, bool)] * len(densities)
+    null = fit_null(densities, [{}] * len(densities), inside, {}, "synthetic", "position", groups)
+    level = null.extra["slice_level"]
+    assert level["fit"].startswith("tail") and level["effective_fraction"] == null.effective_fraction
+    assert level["heldout_slice_rate_at_0.05"] <= 0.05 < level["heldout_slice_rate_at_0.05_ml"]

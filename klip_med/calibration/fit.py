@@ -11,7 +11,7 @@ Steps, all on in-distribution images only:
    the Stouffer sum over windows a z-score again;
 5. the slice level: each healthy slice's largest z-score, its block p-value against the other
    groups' reference, and from those the effective number of independent tests per block
-   (:func:`klip_med.calibration.levels.fit_effective_fraction`).
+   at the family-wise level of the default SEG rule (:func:`klip_med.calibration.levels.tail_effective_fraction`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from klip_med.calibration.families import (
     heldout_scores,
     log_density,
 )
-from klip_med.calibration.levels import family_p, fit_effective_fraction
+from klip_med.calibration.levels import FIT_LEVEL, family_p, fit_effective_fraction, tail_effective_fraction
 from klip_med.calibration.null_model import MIN_BLOCKS, NullModel
 from klip_med.calibration.tails import MIN_EXCEEDANCES, Tail
 from klip_med.errors import expect
@@ -82,12 +82,18 @@ def slice_level(combined: np.ndarray, present: np.ndarray, labels: np.ndarray) -
         q.append((1.0 + at_least) / (others + 1.0) if at_least >= MIN_EXCEEDANCES else float(tail.p_values(z_max)))
         counts.append(int(inside.sum()))
         maxima.append(z_max)
-    c = fit_effective_fraction(np.array(q), np.array(counts))
-    slice_p = family_p(np.array(q), np.array(counts), c)
+    q, counts = np.array(q), np.array(counts)
+    c_ml = fit_effective_fraction(q, counts)
+    c_tail = tail_effective_fraction(q, counts)
+    c = c_ml if c_tail is None else c_tail
     return {"effective_fraction": c, "slices": len(q), "blocks_per_slice_median": float(np.median(counts)),
             "max_z_median": float(np.median(maxima)),
-            "heldout_slice_rate_at_0.05": float(np.mean(slice_p <= 0.05)),
-            "note": "each slice's maximum scored against the other groups' blocks; c fitted by maximum likelihood"}, tail
+            "heldout_slice_rate_at_0.05": float(np.mean(family_p(q, counts, c) <= 0.05)),
+            "effective_fraction_ml": c_ml,
+            "heldout_slice_rate_at_0.05_ml": float(np.mean(family_p(q, counts, c_ml) <= 0.05)),
+            "fit": (f"tail: the healthy slices' rank at family-wise {FIT_LEVEL:g}" if c_tail is not None else
+                    f"maximum likelihood (fewer than {int(np.ceil(1 / FIT_LEVEL)) - 1} healthy slices for the tail fit)"),
+            "note": "each slice's maximum scored against the other groups' blocks"}, tail
 
 
 def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.ndarray]],
