@@ -23,6 +23,7 @@ from pathlib import Path
 
 from klip_med.eval.cache import read_slice, with_current_body_mask
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
+from klip_med.eval.results import delta, with_ci
 from klip_med.eval.summary import summarise
 from klip_med.pipeline.settings import CALIBRATED_WINDOWS
 
@@ -31,23 +32,11 @@ RAW_ROWS = ("klip[t:0.1,1]", "klip_dn[t:0.1,1]", "klip_t[t:0.1,1]", "klip[full]"
 BASELINE_ROWS = ("posterior_std", "brightness", "brightness_dev", "centrality", "residual", "anoddpm", "cfs")
 
 
-def _interval(value: float | None, ci) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" + ("" if not ci or ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
-
-
-def _diff(method: dict, ref: str) -> str:
-    d = method.get("vs", {}).get(ref, {}).get("localisation_auroc")
-    if not d or d.get("mean") is None:
-        return "n/a"
-    return f"{d['mean']:+.3f}" + ("" if d["ci"][0] is None else f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-
-
 def _row(name: str, method: dict) -> str:
-    loc = method["localisation"] or {}
-    return (f"| {name} | {_interval(loc.get('auroc'), loc.get('auroc_ci'))} | {_diff(method, 'brightness')} | "
-            f"{_diff(method, 'posterior_std')} |")
+    vs = method.get("vs", {})
+    return (f"| {name} | {with_ci(method['localisation'] or {}, 'auroc')} | "
+            f"{delta(vs.get('brightness', {}).get('localisation_auroc'))} | "
+            f"{delta(vs.get('posterior_std', {}).get('localisation_auroc'))} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from klip_med.eval.cache import read_slice, with_current_body_mask
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
+from klip_med.eval.results import delta, with_ci
 from klip_med.eval.summary import summarise
 from klip_med.pipeline.settings import CALIBRATED_WINDOWS
 from klip_med.score.reattribution import reattribute_lines
@@ -48,17 +49,6 @@ def _shares(entries, name):
         if e.label == 1:
             lesion.append(m[body & e.lesion.astype(bool)].sum() / max(m[body].sum(), 1e-300))
     return float(np.mean(outside)), float(np.mean(lesion)) if lesion else float("nan")
-
-
-def _cell(method, ref=None):
-    if ref is None:
-        loc = method["localisation"] or {}
-        ci = loc.get("auroc_ci")
-        return f"{loc['auroc']:.3f}" + ("" if not ci or ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
-    d = method.get("vs", {}).get(ref, {}).get("localisation_auroc") or {}
-    if d.get("mean") is None:
-        return "n/a"
-    return f"{d['mean']:+.3f}" + ("" if d["ci"][0] is None else f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         if "[" in name:
             out, les = _shares(entries, name)
             shares = f"| {out:.3f} | {les:.3f} |"
-        print(f"| {name} | {_cell(methods[name])} | {_cell(methods[name], 'brightness')} | "
-              f"{_cell(methods[name], 'posterior_std')} {shares}")
+        m = methods[name]
+        vs = m.get("vs", {})
+        print(f"| {name} | {with_ci(m['localisation'] or {}, 'auroc')} | "
+              f"{delta(vs.get('brightness', {}).get('localisation_auroc'))} | "
+              f"{delta(vs.get('posterior_std', {}).get('localisation_auroc'))} {shares}")
     return 0
 
 

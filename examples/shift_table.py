@@ -13,23 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
+from klip_med.eval.results import delta, with_ci
+
 ROWS = ("klip_z", "klip[t:0.1,1]", "klip_paper[full]", "klip_paper[t:0.1,1]", "posterior_std", "residual",
         "anoddpm", "eigenscore", "cfs", "dlsr", "diffguard", "monai_likelihood", "brightness", "brightness_dev",
         "centrality")
-
-
-def _cell(d: dict | None, key: str = "auroc") -> str:
-    if not d or d.get(key) is None:
-        return "n/a"
-    ci = d.get(f"{key}_ci") or [None, None]
-    return f"{d[key]:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
-
-
-def _diff(method: dict) -> str:
-    d = method.get("vs", {}).get("brightness", {}).get("localisation_auroc")
-    if not d or d.get("mean") is None:
-        return "n/a"
-    return f"{d['mean']:+.3f}" + ("" if d["ci"][0] is None else f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
 
 
 def _methods(run: Path) -> tuple[dict, str, dict]:
@@ -57,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         cost = (t or d).get("cost", {})
         nfe = cost.get("nfe_per_image", 0) + cost.get("extra_nfe_per_image", 0)
         label = "**KLIP default** (`klip_z`, 9 windows)" if row == "klip_z" else row
-        print(f"| {label} | {_cell(d.get('localisation'))} | {_cell(t.get('localisation'))} | {_diff(t) if t else 'n/a'} | "
-              f"{_cell(d.get('dataset'))} | {_cell(t.get('dataset'))} | {nfe} |")
+        print(f"| {label} | {with_ci(d.get('localisation') or {}, 'auroc')} | "
+              f"{with_ci(t.get('localisation') or {}, 'auroc')} | "
+              f"{delta(t.get('vs', {}).get('brightness', {}).get('localisation_auroc'))} | "
+              f"{with_ci(d.get('dataset') or {}, 'auroc')} | {with_ci(t.get('dataset') or {}, 'auroc')} | {nfe} |")
     return 0
 
 

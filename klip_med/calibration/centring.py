@@ -40,7 +40,7 @@ over the slice's in-body blocks removed (see the module docstring)."""
 MIN_CENTRE_BLOCKS = 8
 """A slice needs at least this many in-body blocks for its median to be removed."""
 DEFAULT_CENTRING = "none"
-"""What ``klip-med calibrate`` and ``eval --null lopo`` fit unless told otherwise."""
+"""What a fit uses unless told otherwise (``klip-med calibrate``, ``eval --null lopo``, :func:`fit_null`)."""
 
 
 def slice_levels(z: np.ndarray, inside: np.ndarray) -> np.ndarray:

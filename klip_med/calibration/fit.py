@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from klip_med.calibration.centring import CENTRINGS, level_free
+from klip_med.calibration.centring import CENTRINGS, DEFAULT_CENTRING, level_free
 from klip_med.calibration.families import (
     AUTO_FAMILIES,
     CONDITIONING,
@@ -100,7 +100,7 @@ def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.
              insides: Sequence[np.ndarray], conditions: dict[str, Any], source: str, conditioning: str = "auto",
              groups: Sequence[str] | None = None, n_bins: int | None = None, shrinkage: float | None = None,
              spread: str = "predictive", fingerprints: Sequence[dict[str, str | None]] = (),
-             centring: str = "none") -> NullModel:
+             centring: str = DEFAULT_CENTRING) -> NullModel:
     """Fit a null model on ID images.
 
     Args:
@@ -121,9 +121,10 @@ def fit_null(densities: Sequence[np.ndarray], covariates: Sequence[dict[str, np.
             the between-unit variance (``predictive``; ``legacy`` then uses 5).
         spread: :data:`~klip_med.calibration.families.SPREADS`.
         fingerprints: one ``{"key", "sha256"}`` per image (the overlap guard), or none.
-        centring: :data:`~klip_med.calibration.centring.CENTRINGS`; with ``slice`` the held-out
-            z-scores of each healthy slice are centred (per window, in-body median removed) before
-            the scale, the reference and the slice level are fitted, exactly as a scored slice is.
+        centring: :data:`~klip_med.calibration.centring.CENTRINGS`; with ``slice`` the families are
+            fitted on level-free slices and each held-out healthy slice's residuals are centred (per
+            window, in-body median removed) before the scale, the reference and the slice level are
+            fitted, exactly as a scored slice is.
     """
     expect(conditioning in CONDITIONING, "conditioning", f"one of {CONDITIONING}", conditioning)
     expect(spread in SPREADS, "spread", f"one of {SPREADS}", spread)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from klip_med.calibration.centring import DEFAULT_CENTRING
 from klip_med.calibration.covariates import block_covariates
 from klip_med.calibration.fit import fit_null
 from klip_med.calibration.null_model import NullModel
@@ -59,7 +60,7 @@ def cached_blocks(entry: CachedSlice, windows: Sequence[str], block_size: int, p
 
 def null_models(entries: Sequence[CachedSlice], null: NullModel | str, windows: Sequence[str], block_size: int,
                 conditioning: str = "auto", spread: str = "predictive", prefix: str = "klip",
-                centring: str = "none") -> tuple[dict, dict]:
+                centring: str = DEFAULT_CENTRING) -> tuple[dict, dict]:
     """Each entry's null model and block data: ``(models, blocks)``, both keyed by entry key.
 
     Args:
@@ -122,7 +123,7 @@ def _check_run_matches(benchmark: dict, conditions: dict[str, Any], run_dir) -> 
 
 
 def null_from_eval_run(run_dir: str | Path, windows: Sequence[str], block_size: int, conditions: dict[str, Any],
-                       conditioning: str = "auto", spread: str = "predictive", centring: str = "none") -> NullModel:
+                       conditioning: str = "auto", spread: str = "predictive", centring: str = DEFAULT_CENTRING) -> NullModel:
     """Fit on the ID slices cached by a ``klip-med eval`` run (no new sampling).
 
     Args:
@@ -176,7 +177,7 @@ class NullPlan:
 
 
 def plan_null(null, null_windows: Sequence[str] | None, specs: Sequence[str], prior_reference, prior,
-              physics_spec: str, settings, slices, allow_overlap: bool = False, centring: str = "none") -> NullPlan | None:
+              physics_spec: str, settings, slices, allow_overlap: bool = False, centring: str = DEFAULT_CENTRING) -> NullPlan | None:
     """Resolve ``--null`` (``auto`` / a file / ``lopo`` / None) for a benchmark, checking every
     condition and the overlap with the run's slices now, before the first network call.
 

@@ -24,7 +24,9 @@ def _per_patient(values, sign: str = "") -> str:
     return f" (per patient {' / '.join(shown)})" if shown else ""
 
 
-def _with_ci(entry: Mapping, key: str) -> str:
+def with_ci(entry: Mapping, key: str) -> str:
+    """``0.812 [0.747, 0.872]``: ``entry[key]`` with ``entry[key + '_ci']``, or each patient's value when
+    there are too few patients for an interval; ``n/a`` when missing."""
     value, ci = entry.get(key), entry.get(f"{key}_ci", [None, None])
     if value is None:
         return "n/a"
@@ -34,7 +36,9 @@ def _with_ci(entry: Mapping, key: str) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _delta(entry: Mapping | None) -> str:
+def delta(entry: Mapping | None) -> str:
+    """``+0.012 [-0.030, +0.051]``: a paired difference (``{"mean", "ci"}``) with its interval, or each
+    patient's difference when there are too few patients; ``n/a`` when missing."""
     if not entry or entry.get("mean") is None:
         return "n/a"
     ci = entry["ci"]
@@ -53,9 +57,9 @@ def markdown_table(results: Mapping) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         loc = m.get("localisation") or {}
-        row = [f"**{name}** (default)" if m.get("default") else name, _with_ci(m["dataset"], "auroc"), _fmt(m["dataset"].get("auprc")),
-               _with_ci(loc, "auroc") if loc else "n/a", _fmt(loc.get("auprc")) if loc else "n/a"]
-        row += [_delta(m.get("vs", {}).get(r, {}).get("localisation_auroc")) if r != name else "-" for r in refs]
+        row = [f"**{name}** (default)" if m.get("default") else name, with_ci(m["dataset"], "auroc"), _fmt(m["dataset"].get("auprc")),
+               with_ci(loc, "auroc") if loc else "n/a", _fmt(loc.get("auprc")) if loc else "n/a"]
+        row += [delta(m.get("vs", {}).get(r, {}).get("localisation_auroc")) if r != name else "-" for r in refs]
         row += [str(m["cost"]["nfe_per_image"]), _fmt(m["cost"]["seconds_per_image"], 2)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -67,7 +71,7 @@ def dataset_difference_table(results: Mapping) -> str:
     refs = results.get("references", [])
     rows = []
     for name, m in results["methods"].items():
-        cells = [_delta(m.get("vs", {}).get(r, {}).get("dataset_auroc")) if r != name else "-" for r in refs]
+        cells = [delta(m.get("vs", {}).get(r, {}).get("dataset_auroc")) if r != name else "-" for r in refs]
         if any(c not in ("-", "n/a") for c in cells):
             rows.append("| " + " | ".join([name, *cells]) + " |")
     if not rows:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from klip_med import pipeline
+from klip_med.calibration.centring import DEFAULT_CENTRING
 from klip_med.data.manifest import Manifest, read_manifest
 from klip_med.data.selection import EvalSlice, select_slices
 from klip_med.errors import KLIPMedError
@@ -70,7 +71,7 @@ def run_benchmark(manifest: str | Path | Manifest, data_root: str | Path | None,
                   n_boot: int = 1000, min_body_fraction: float = 0.3, min_lesion_pixels: int = 30,
                   pixel_spacing_mm: float | None = None, metrics_only: bool = False, command: str | None = None,
                   log: Callable[[str], None] | None = print, null: str | Path | None = None,
-                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto", null_centring: str = "none",
+                  null_windows: Sequence[str] | None = None, null_conditioning: str = "auto", null_centring: str = DEFAULT_CENTRING,
                   ct_lesions: str = "soft-tissue", allow_calibration_overlap: bool = False,
                   prior_reference: str | Path | None = None, shift: str | None = None,
                   readouts: Sequence[str] = (), engine: EngineOptions | None = None) -> dict:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from klip_med.calibration.scoring import inside_blocks
 from klip_med.errors import KLIPMedError
 from klip_med.eval.baselines import centrality_blocks
 from klip_med.eval.cache import CachedSlice
@@ -32,17 +33,12 @@ from klip_med.eval.metrics import (
     per_unit,
 )
 from klip_med.eval.names import BASELINES
-from klip_med.score.blocks import BlockScores, blocks_inside_mask, image_score, pool_blocks
+from klip_med.score.blocks import BlockScores, image_score, pool_blocks
 
 REFERENCES = ("posterior_std", "brightness")
 """Methods every other method is compared with (paired per-patient bootstrap differences)."""
 NATIVE = {"eigenscore_lambda1": "eigenscore", "diffguard_level_kl": "diffguard"}
 """Image-level rows -> the baseline whose own image score (``native_score``) they report."""
-
-
-def _inside(body_mask: np.ndarray, block_size: int) -> np.ndarray:
-    inside = blocks_inside_mask(torch.from_numpy(body_mask.astype(bool)), block_size).numpy()
-    return inside if inside.any() else np.ones_like(inside)
 
 
 def _topk(blocks: np.ndarray, inside: np.ndarray, k: int) -> float:
@@ -108,7 +104,7 @@ def summarise(entries: Sequence[CachedSlice], block_size: int = 8, top_k: int = 
     labels = np.array([e.label for e in entries], dtype=np.int64)
     patients = [e.patient for e in entries]
     ood = [i for i, e in enumerate(entries) if e.label == 1]
-    insides = [_inside(e.body_mask, block_size) for e in entries]
+    insides = [inside_blocks(e.body_mask, block_size) for e in entries]
     lesions = {i: lesion_blocks(entries[i].lesion, block_size) for i in ood}
     methods: dict[str, dict] = {}
     image_scores: dict[str, np.ndarray] = {}

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from klip_med.calibration.centring import DEFAULT_CENTRING
 from klip_med.calibration.conditions import null_conditions
 from klip_med.calibration.fit import fit_null
 from klip_med.calibration.null_model import NullModel
@@ -73,7 +74,7 @@ class CalibrationWorker:
 def calibrate_images(prior, physics_spec: str, settings: KLIPSettings, images: Sequence[np.ndarray] | torch.Tensor,
                      source: str, conditioning: str = "auto", device: str | torch.device = "cpu",
                      log: Callable[[str], None] | None = print, groups: Sequence[str] | None = None,
-                     fingerprints: Sequence[dict] = (), spread: str = "predictive", centring: str = "none",
+                     fingerprints: Sequence[dict] = (), spread: str = "predictive", centring: str = DEFAULT_CENTRING,
                      engine: EngineOptions | None = None, prior_source: str | Path | None = None) -> NullModel:
     """Measure and reconstruct ID images, then fit the null model on their in-body blocks.
 

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from klip_med.calibration.covariates import block_covariates
-from klip_med.calibration.scoring import inside_blocks
 from klip_med.calibration.thresholds import parse_threshold
 from klip_med.errors import expect
 from klip_med.io.inputs import RunInput
@@ -159,7 +158,7 @@ def _z_scores(result: VolumeResult, null, windows: list[int], block_size: int) -
 
     dens = pool_blocks(torch.from_numpy(result.klip[windows]), block_size).densities.numpy()  # (W, Z, gh, gw)
     result.zscores = np.stack([null.z_scores(dens[:, k], block_covariates(result.recon[k], result.body[k], block_size),
-                                             inside_blocks(result.body[k], block_size))
+                                             result.inside[k])
                                for k in range(result.recon.shape[0])])
 
 
