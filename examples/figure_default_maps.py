@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from klip_med.eval.cache import read_slice  # noqa: E402
 from klip_med.eval.metrics import lesion_blocks, localisation  # noqa: E402
 from klip_med.eval.nulls import add_null_maps, method_name, null_models  # noqa: E402
-from klip_med.eval.summary import _inside  # noqa: E402
+from klip_med.calibration.scoring import inside_blocks  # noqa: E402
 from klip_med.pipeline import CALIBRATED_WINDOWS  # noqa: E402
 from klip_med.score.blocks import pool_blocks  # noqa: E402
 
@@ -49,7 +49,7 @@ def main() -> None:
     fig, axes = plt.subplots(len(picks), len(cols), figsize=(3.0 * len(cols), 3.0 * len(picks)), squeeze=False)
     for r, e in enumerate(picks):
         raw = sum(e.maps[f"klip[{w}]"] for w in CALIBRATED_WINDOWS)
-        inside = _inside(e.body_mask, b)
+        inside = inside_blocks(e.body_mask, b)
         lesion = lesion_blocks(e.lesion, b)
         aucs = {}
         for name, m in (("posterior_std", e.maps["posterior_std"]), ("raw", raw), ("z", e.maps[zname])):

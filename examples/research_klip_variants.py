@@ -37,7 +37,8 @@ from klip_med.calibration.fit import fit_null
 from klip_med.eval.cache import read_slice
 from klip_med.eval.metrics import lesion_blocks, localisation, patient_bootstrap
 from klip_med.eval.nulls import cached_blocks as null_blocks
-from klip_med.eval.summary import _inside, block_maps
+from klip_med.calibration.scoring import inside_blocks
+from klip_med.eval.summary import block_maps
 from klip_med.pipeline import CALIBRATED_WINDOWS
 
 EPS = 1e-12
@@ -112,7 +113,7 @@ def main() -> None:
         if parts:
             unions[f"klip[t:{lo},1]*"] = parts
 
-    inside = {e.key: _inside(e.body_mask, b) for e in entries}
+    inside = {e.key: inside_blocks(e.body_mask, b) for e in entries}
     lesion = {e.key: lesion_blocks(e.lesion, b) for e in ood}
     cov = {e.key: block_covariates(e, b, inside[e.key]) for e in entries}
 
