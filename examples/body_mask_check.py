@@ -66,11 +66,11 @@ def slices_of(args, prior) -> list[tuple[str, np.ndarray]]:
 
 
 def cached_means(run: Path) -> list[tuple[str, np.ndarray]]:
-    """(key, posterior mean) of every slice cached by a `klip-med eval` run."""
-    from klip_med.eval.cache import read_slice
+    """(key, posterior mean) of every slice of a `klip-med eval` run (those its results.json lists)."""
+    from klip_med.eval.cache import run_slices
 
     return [(e.key + " (posterior mean)", np.asarray(e.images[2], np.float16).astype(np.float32))
-            for e in (read_slice(p) for p in sorted((run / "slices").glob("*.npz")))]
+            for e in run_slices(run, current_mask=False)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from klip_med.calibration.null_model import NullModel
-from klip_med.eval.cache import read_slice, with_current_body_mask
+from klip_med.eval.cache import run_slices
 from klip_med.eval.null_rates import calibration_rates
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
 from klip_med.eval.summary import summarise
@@ -43,7 +43,7 @@ def institution(patient: str) -> str:
 
 
 def row(label: str, model_spec: str, run: Path, block_size: int, n_boot: int, group_by: str = "patient") -> str:
-    entries = [with_current_body_mask(read_slice(p)) for p in sorted((run / "slices").glob("*.npz"))]
+    entries = run_slices(run)
     if group_by == "institution":  # leave one site out, and sites as the bootstrap units
         entries = [replace(e, patient=institution(e.patient)) for e in entries]
     windows = list(CALIBRATED_WINDOWS)

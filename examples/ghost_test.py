@@ -29,7 +29,7 @@ from klip_med.calibration import resolve_null
 from klip_med.calibration.fit import fit_null
 from klip_med.calibration.scoring import result_blocks
 from klip_med.data.masks import body_mask
-from klip_med.eval.cache import read_slice, with_current_body_mask
+from klip_med.eval.cache import run_slices
 from klip_med.eval.nulls import cached_blocks
 from klip_med.physics import parse_physics
 from klip_med.pipeline import CALIBRATED_WINDOWS, KLIPSettings, parse_window, reconstruct_measurement
@@ -52,7 +52,7 @@ def shares(mass: np.ndarray, tumour: np.ndarray, head: np.ndarray) -> tuple[floa
 def denoised_null(run: Path, block_size: int):
     """A null model of the denoiser's split, fitted on the lesion-free slices of an eval run with
     ``--readouts denoised`` (its maps ``klip_dn[w]``)."""
-    entries = [with_current_body_mask(read_slice(p)) for p in sorted((run / "slices").glob("*.npz"))]
+    entries = run_slices(run)
     ids = [e for e in entries if e.label == 0]
     d, c, m = zip(*(cached_blocks(e, CALIBRATED_WINDOWS, block_size, prefix="klip_dn") for e in ids), strict=True)
     return fit_null(d, c, m, {"block_size": block_size}, f"{len(ids)} lesion-free slices of {run}",

@@ -27,14 +27,12 @@ lesion-free twin (does the lesion raise it at all?).
 from __future__ import annotations
 
 import argparse
-import glob
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from klip_med.calibration.fit import fit_null
-from klip_med.eval.cache import read_slice
+from klip_med.eval.cache import run_slices
 from klip_med.eval.metrics import lesion_blocks, localisation, patient_bootstrap
 from klip_med.eval.nulls import cached_blocks as null_blocks
 from klip_med.calibration.scoring import inside_blocks
@@ -100,7 +98,7 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args()
     b = args.block_size
-    entries = [read_slice(Path(p)) for p in sorted(glob.glob(str(Path(args.run) / "slices" / "*.npz")))]
+    entries = run_slices(args.run, current_mask=False)
     ood = [e for e in entries if e.label == 1]
     idd = [e for e in entries if e.label == 0]
     print(f"{len(entries)} slices ({len(ood)} OOD, {len(idd)} ID), {len({e.patient for e in entries})} patients")

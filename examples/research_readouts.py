@@ -21,7 +21,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from klip_med.eval.cache import read_slice, with_current_body_mask
+from klip_med.eval.cache import run_slices
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
 from klip_med.eval.results import delta, with_ci
 from klip_med.eval.summary import summarise
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
-    entries = [with_current_body_mask(read_slice(p)) for p in sorted((args.run / "slices").glob("*.npz"))]
+    entries = run_slices(args.run)
     b, windows = args.block_size, list(CALIBRATED_WINDOWS)
     scored = entries
     z_name = method_name(windows)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klip_med.eval.cache import read_slice, with_current_body_mask
+from klip_med.eval.cache import run_slices
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
 from klip_med.eval.results import delta, with_ci
 from klip_med.eval.summary import summarise
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
     b, windows = args.block_size, list(CALIBRATED_WINDOWS)
-    entries = [with_current_body_mask(read_slice(p)) for p in sorted((args.run / "slices").glob("*.npz"))]
+    entries = run_slices(args.run)
     raw_rows = [w for w in ("t:0.1,1", "full") if f"klip[{w}]" in entries[0].maps]
     entries = [_with_reattributed(e, windows + raw_rows) for e in entries]
     scored, z_name, names = entries, method_name(windows), []

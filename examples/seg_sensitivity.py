@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from klip_med.calibration.null_model import NullModel
-from klip_med.eval.cache import read_slice, with_current_body_mask
+from klip_med.eval.cache import run_slices
 from klip_med.eval.nulls import cached_blocks
 from klip_med.score.blocks import pool_blocks
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args(argv)
-    entries = [with_current_body_mask(read_slice(p)) for p in sorted((args.run / "slices").glob("*.npz"))]
+    entries = run_slices(args.run)
     print(f"| model | c | tumour slices flagged, fwer-slice:{args.alpha:g} | ... with a flag on the tumour | "
           f"tumour volumes flagged, fwer:{args.alpha:g} |")
     print("|---|---|---|---|---|")

@@ -4,7 +4,8 @@ from their ``results.json`` (no computation).
     python examples/shift_table.py "MRI 4x, hypointense" runs/mri4x_dev_hypo runs/mri4x_test_hypo
 
 Columns: localisation AUROC on dev and test with per-patient bootstrap intervals, the paired
-difference to brightness on test, dataset-level AUROC on dev and test, network forwards per image.
+difference to brightness on test, dataset-level AUROC on dev and test, network forwards and seconds per
+image (the sampling run's, shared by every row that uses it, plus the row's own; test run, one loaded core).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     (dev, dev_default, dev_counts), (test, test_default, test_counts) = _methods(args.dev), _methods(args.test)
     print(f"**{args.label}** (dev: {dev_counts}; test: {test_counts})\n")
     print("| method | loc. AUROC, dev | loc. AUROC, test | minus brightness, test | dataset AUROC, dev | "
-          "dataset AUROC, test | network forwards / image |")
-    print("|---|---|---|---|---|---|---|")
+          "dataset AUROC, test | network forwards / image | seconds / image |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in ROWS:
         name_dev = dev_default if row == "klip_z" else row
         name_test = test_default if row == "klip_z" else row
@@ -44,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         d, t = dev.get(name_dev, {}), test.get(name_test, {})
         cost = (t or d).get("cost", {})
         nfe = cost.get("nfe_per_image", 0) + cost.get("extra_nfe_per_image", 0)
+        seconds = cost.get("seconds_per_image", 0.0) + cost.get("extra_seconds_per_image", 0.0)
         label = "**KLIP default** (`klip_z`, 9 windows)" if row == "klip_z" else row
         print(f"| {label} | {with_ci(d.get('localisation') or {}, 'auroc')} | "
               f"{with_ci(t.get('localisation') or {}, 'auroc')} | "
               f"{delta(t.get('vs', {}).get('brightness', {}).get('localisation_auroc'))} | "
-              f"{with_ci(d.get('dataset') or {}, 'auroc')} | {with_ci(t.get('dataset') or {}, 'auroc')} | {nfe} |")
+              f"{with_ci(d.get('dataset') or {}, 'auroc')} | {with_ci(t.get('dataset') or {}, 'auroc')} | {nfe} | {seconds:.1f} |")
     return 0
 
 

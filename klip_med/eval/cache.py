@@ -106,3 +106,34 @@ def with_current_body_mask(entry: CachedSlice) -> CachedSlice:
 
     mean = np.asarray(entry.images[2], dtype=np.float16).astype(np.float32)
     return replace(entry, body_mask=np.asarray(body_mask(mean), dtype=bool))
+
+
+def run_slices(run_dir: str | Path, current_mask: bool = True) -> list[CachedSlice]:
+    """The cached slices of one ``klip-med eval --out`` run, in file-name order.
+
+    The run's own slices are those its ``results.json`` lists: a ``slices/`` folder may be shared
+    by several runs (e.g. the healthy twins of several shift kinds, linked to one folder), so
+    globbing it would mix in other runs' images. Without a ``results.json`` (a run still in
+    progress) every file of the folder is read.
+
+    Args:
+        run_dir: the eval run's ``--out`` folder.
+        current_mask: recompute each body mask by today's rule (:func:`with_current_body_mask`).
+    """
+    folder = Path(run_dir) / "slices"
+    results = Path(run_dir) / "results.json"
+    if results.is_file():
+        try:
+            keys = [s["key"] for s in json.loads(results.read_text(encoding="utf-8"))["slices"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KLIPMedError(f"{results}: expected a klip-med eval results file with a 'slices' list, "
+                               f"found an unreadable one ({exc})") from None
+        paths = sorted(slice_path(folder, k) for k in keys)
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise KLIPMedError(f"{folder}: expected the {len(paths)} cached slices {results.name} lists, "
+                               f"found {len(missing)} missing (e.g. {missing[0]}); rerun the eval to recompute them")
+    else:
+        paths = sorted(folder.glob("*.npz"))
+    entries = [read_slice(p) for p in paths]
+    return [with_current_body_mask(e) for e in entries] if current_mask else entries

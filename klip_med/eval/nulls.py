@@ -135,10 +135,9 @@ def null_from_eval_run(run_dir: str | Path, windows: Sequence[str], block_size: 
     Each slice's identity (manifest key, pixel digest) is taken from its cache, or from the run's
     ``results.json``, so the model refuses to score these slices later.
     """
-    from klip_med.eval.cache import read_slice, with_current_body_mask
+    from klip_med.eval.cache import run_slices, with_current_body_mask
 
-    files = sorted((Path(run_dir) / "slices").glob("*.npz"))
-    entries = [with_current_body_mask(e) for e in (read_slice(f) for f in files) if e.label == 0]
+    entries = [with_current_body_mask(e) for e in run_slices(run_dir, current_mask=False) if e.label == 0]
     if not entries:
         raise KLIPMedError(f"{run_dir}: expected cached lesion-free (ID) slices, found none")
     labels = [windows] if isinstance(windows, str) else list(windows)
