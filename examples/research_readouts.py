@@ -23,7 +23,7 @@ from pathlib import Path
 
 from klip_med.eval.cache import run_slices
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
-from klip_med.eval.results import delta, with_ci
+from klip_med.eval.results import localisation_delta, with_ci
 from klip_med.eval.summary import summarise
 from klip_med.pipeline.settings import CALIBRATED_WINDOWS
 
@@ -33,10 +33,8 @@ BASELINE_ROWS = ("posterior_std", "brightness", "brightness_dev", "centrality", 
 
 
 def _row(name: str, method: dict) -> str:
-    vs = method.get("vs", {})
     return (f"| {name} | {with_ci(method['localisation'] or {}, 'auroc')} | "
-            f"{delta(vs.get('brightness', {}).get('localisation_auroc'))} | "
-            f"{delta(vs.get('posterior_std', {}).get('localisation_auroc'))} |")
+            f"{localisation_delta(method, 'brightness')} | {localisation_delta(method, 'posterior_std')} |")
 
 
 def main(argv: list[str] | None = None) -> int:

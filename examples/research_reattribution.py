@@ -24,7 +24,7 @@ import torch
 
 from klip_med.eval.cache import run_slices
 from klip_med.eval.nulls import add_null_maps, method_name, null_models
-from klip_med.eval.results import delta, with_ci
+from klip_med.eval.results import localisation_delta, with_ci
 from klip_med.eval.summary import summarise
 from klip_med.pipeline.settings import CALIBRATED_WINDOWS
 from klip_med.score.reattribution import reattribute_lines
@@ -84,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             out, les = _shares(entries, name)
             shares = f"| {out:.3f} | {les:.3f} |"
         m = methods[name]
-        vs = m.get("vs", {})
-        print(f"| {name} | {with_ci(m['localisation'] or {}, 'auroc')} | "
-              f"{delta(vs.get('brightness', {}).get('localisation_auroc'))} | "
-              f"{delta(vs.get('posterior_std', {}).get('localisation_auroc'))} {shares}")
+        print(f"| {name} | {with_ci(m['localisation'] or {}, 'auroc')} | {localisation_delta(m, 'brightness')} | "
+              f"{localisation_delta(m, 'posterior_std')} {shares}")
     return 0
 
 

@@ -15,12 +15,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from klip_med.calibration.null_model import NullModel
 from klip_med.eval.cache import run_slices
+from klip_med.eval.metrics import lesion_blocks
 from klip_med.eval.nulls import cached_blocks
-from klip_med.score.blocks import pool_blocks
 
 
 def sensitivity(model: NullModel, entries, alpha: float) -> dict[str, float]:
@@ -32,7 +31,7 @@ def sensitivity(model: NullModel, entries, alpha: float) -> dict[str, float]:
         z = model.z_scores(densities, covariates, inside)
         n = int(inside.sum())
         flag = (z >= model.family_threshold(alpha, n)) & inside
-        lesion = pool_blocks(torch.from_numpy(e.lesion.astype(np.float32))[None], size).densities.numpy()[0] > 0
+        lesion = lesion_blocks(e.lesion, size)
         slices.append(flag.any())
         on_lesion.append((flag & lesion).any())
         volumes.setdefault(e.patient, []).append((z[inside], n))

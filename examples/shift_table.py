@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from klip_med.eval.results import delta, with_ci
+from klip_med.eval.results import localisation_delta, with_ci
 
 ROWS = ("klip_z", "klip[t:0.1,1]", "klip_paper[full]", "klip_paper[t:0.1,1]", "posterior_std", "residual",
         "anoddpm", "eigenscore", "cfs", "dlsr", "diffguard", "monai_likelihood", "brightness", "brightness_dev",
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         label = "**KLIP default** (`klip_z`, 9 windows)" if row == "klip_z" else row
         print(f"| {label} | {with_ci(d.get('localisation') or {}, 'auroc')} | "
               f"{with_ci(t.get('localisation') or {}, 'auroc')} | "
-              f"{delta(t.get('vs', {}).get('brightness', {}).get('localisation_auroc'))} | "
+              f"{localisation_delta(t, 'brightness')} | "
               f"{with_ci(d.get('dataset') or {}, 'auroc')} | {with_ci(t.get('dataset') or {}, 'auroc')} | {nfe} | {seconds:.1f} |")
     return 0
 

@@ -48,6 +48,12 @@ def delta(entry: Mapping | None) -> str:
     return f"{entry['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+def localisation_delta(method: Mapping, ref: str) -> str:
+    """:func:`delta` of a method's paired localisation-AUROC difference to the method ``ref``
+    (``method["vs"][ref]["localisation_auroc"]``); ``n/a`` when it has none."""
+    return delta(method.get("vs", {}).get(ref, {}).get("localisation_auroc"))
+
+
 def markdown_table(results: Mapping) -> str:
     """The methods side by side: dataset-level and localisation AUROC / AUPRC with 95% intervals,
     paired differences of localisation AUROC against the reference methods, cost per image."""
@@ -59,7 +65,7 @@ def markdown_table(results: Mapping) -> str:
         loc = m.get("localisation") or {}
         row = [f"**{name}** (default)" if m.get("default") else name, with_ci(m["dataset"], "auroc"), _fmt(m["dataset"].get("auprc")),
                with_ci(loc, "auroc") if loc else "n/a", _fmt(loc.get("auprc")) if loc else "n/a"]
-        row += [delta(m.get("vs", {}).get(r, {}).get("localisation_auroc")) if r != name else "-" for r in refs]
+        row += [localisation_delta(m, r) if r != name else "-" for r in refs]
         row += [str(m["cost"]["nfe_per_image"]), _fmt(m["cost"]["seconds_per_image"], 2)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
